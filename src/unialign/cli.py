@@ -1,0 +1,129 @@
+"""Command line: `unialign train | eval retrieval | embed | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .training.trainer import train
+
+    cfg = load_config(args.config, args.set)
+    train(cfg, args.output, resume=args.resume)
+
+
+def _eval_retrieval(args: argparse.Namespace) -> None:
+    from .evaluation.run import evaluate_retrieval, write_json
+
+    result = evaluate_retrieval(args.checkpoint, args.karpathy, args.images, args.split, args.batch_size,
+                                args.num_workers, args.device)
+    write_json(result, args.output)
+    keys = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    print("| " + " | ".join(f"{result[k]:.2f}" for k in keys) + " |")
+    if result["images_skipped"]:
+        print(f"{result['images_skipped']} unreadable image(s) skipped; listed in {args.output}")
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from .evaluation.encode import encode_images, encode_texts
+    from .evaluation.run import default_device
+    from .model.factory import load
+
+    device = args.device or default_device()
+    model, preprocess, tokenizer = load(args.checkpoint, device=device)
+    out = Path(args.output)
+    if args.images:
+        root = Path(args.images)
+        if not root.is_dir():
+            raise SystemExit(f"--images {root} is not a directory")
+        suffixes = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+        paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in suffixes)
+        if not paths:
+            raise SystemExit(f"no image files under {root}")
+        emb, kept, skipped = encode_images(model, preprocess, paths, args.batch_size, args.num_workers, device)
+        names = [paths[i] for i in kept]
+    else:
+        text_file = Path(args.texts)
+        if not text_file.is_file():
+            raise SystemExit(f"--texts {text_file} does not exist")
+        names = [line.strip() for line in text_file.read_text().splitlines() if line.strip()]
+        emb, skipped = encode_texts(model, tokenizer, names, device=device), []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, emb.numpy().astype(np.float32))
+    out.with_suffix(".txt").write_text("\n".join(names) + "\n")
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} (row names in {out.with_suffix('.txt')})"
+          + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else ""))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.output), quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unialign", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("--config", required=True, help="YAML config (see configs/paper.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.batch_size=128 (repeatable)")
+    p.add_argument("--output", required=True, help="run directory: checkpoints, logs, resolved config")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.ckpt")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    eval_sub = p.add_subparsers(dest="task", required=True)
+    r = eval_sub.add_parser("retrieval", help="image-text retrieval recall@K on a Karpathy split")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--karpathy", required=True, help="dataset_coco.json / dataset_flickr30k.json format")
+    r.add_argument("--images", required=True, help="image root the JSON's filepath/filename are relative to")
+    r.add_argument("--split", default="test")
+    r.add_argument("--output", required=True, help="results JSON")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--num-workers", type=int, default=0)
+    r.add_argument("--device", default=None)
+    r.set_defaults(func=_eval_retrieval)
+
+    p = sub.add_parser("embed", help="embed a folder of images or a file of texts (one per line) to .npy")
+    p.add_argument("--checkpoint", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images")
+    src.add_argument("--texts")
+    p.add_argument("--output", required=True, help=".npy file; row names go to the same name with .txt")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("demo", help="offline demo: generate data, train, evaluate, search")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (for CI)")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .config import ConfigError
+
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+        print(f"unialign: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

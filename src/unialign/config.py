@@ -1,0 +1,293 @@
+"""Typed run configuration: YAML in, validated objects out, before any work starts.
+
+A run is described by one YAML file (the paper's recipe is ``configs/paper.yaml``)
+plus dotted command-line overrides. Every section forbids unknown keys so a typo is an
+error naming the key, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the offending key or path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageTowerConfig(_Strict):
+    """Pretrained image model whose first blocks become the image encoder."""
+
+    backend: Literal["timm", "hf"] = "timm"
+    name: str = "vit_base_patch16_224"
+    pretrained: bool = True
+    checkpoint: Path | None = None  # local weights file (timm) when the model is not on a hub
+    layers: int | list[int] = 6  # first N blocks, or explicit block indices
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # extra timm.create_model / HF config args
+
+    @field_validator("layers")
+    @classmethod
+    def _positive_layers(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        if isinstance(v, list) and (not v or any(i < 0 for i in v)):
+            raise ValueError(f"must be a non-empty list of block indices >= 0, got {v}")
+        return v
+
+
+class TextTowerConfig(_Strict):
+    """Pretrained BERT-like model whose first layers become the text encoder."""
+
+    name: str = "bert-base-uncased"  # HF hub name or local directory
+    pretrained: bool = True
+    layers: int = Field(6, ge=1)
+    max_length: int = Field(64, ge=8)
+
+
+class SharedConfig(_Strict):
+    """The randomly initialised modality-shared Transformer block(s)."""
+
+    depth: int = Field(1, ge=0)
+    num_heads: int = Field(12, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    layer_scale_init: float = 0.2
+    token_type_scale_init: float = 1e-5
+
+
+class ModelConfig(_Strict):
+    image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = Field(default_factory=TextTowerConfig)
+    shared: SharedConfig = Field(default_factory=SharedConfig)
+
+
+class TeacherConfig(_Strict):
+    """Frozen self-supervised image model whose CLS gives the distillation target."""
+
+    enabled: bool = True
+    backend: Literal["timm", "hf"] = "timm"
+    name: str = "beitv2_base_patch16_224"
+    pretrained: bool = True
+    checkpoint: Path | None = None
+    block: int = -1  # which block's CLS is the target (-1: last)
+    after_norm: bool = False  # paper: before the final LayerNorm
+    view: Literal["same", "separate"] = "same"  # same pixels as the student, or its own augmentation
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossConfig(_Strict):
+    itc_weight: float = Field(1.0, ge=0)
+    itc_interm: bool = True  # second ITC on the shared block's first MLP layer (author's code)
+    same_image_positives: bool = True  # fixes the author's code treating them as negatives
+    kd: Literal["contrastive", "mse", "none"] = "contrastive"
+    kd_weight: float = Field(1.0, ge=0)
+    bank_size: int = Field(65536, ge=0)
+    kd_temperature: float = Field(0.07, gt=0)
+    kd_learnable_temperature: bool = False
+
+
+class KarpathySource(_Strict):
+    type: Literal["karpathy"] = "karpathy"
+    path: Path
+    images: Path
+    splits: list[str] = Field(default_factory=lambda: ["train", "restval"])
+
+
+class ManifestSource(_Strict):
+    """JSONL or CSV with one (image, caption[, image_id]) row per pair."""
+
+    type: Literal["manifest"] = "manifest"
+    path: Path
+    images: Path | None = None  # root for relative image paths (default: the manifest's folder)
+    image_column: str = "image"
+    caption_column: str = "caption"
+    id_column: str = "image_id"
+
+
+class WebDatasetSource(_Strict):
+    """Tar shards of image + caption (txt or json), brace-expanded URLs or paths."""
+
+    type: Literal["webdataset"] = "webdataset"
+    urls: str
+    size: int = Field(ge=1)  # number of pairs: shards have no length, schedules need one
+    caption_key: str = "caption"  # key inside a .json member, when there is no .txt
+
+
+DataSource = Annotated[Union[KarpathySource, ManifestSource, WebDatasetSource], Field(discriminator="type")]
+
+
+class DataConfig(_Strict):
+    train: list[DataSource] = Field(min_length=1)
+    val: DataSource | None = None
+    val_split: str = "val"  # split read from a Karpathy val source
+    image_size: int = Field(224, ge=8)
+    train_scale: tuple[float, float] = (0.9, 1.0)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_workers: int = Field(4, ge=0)
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)  # fail when more of the data than this is unreadable
+
+    @field_validator("train_scale")
+    @classmethod
+    def _scale_order(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"needs 0 < min <= max <= 1, got {v}")
+        return v
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(7, ge=1)
+    max_steps: int = -1  # stop early (e.g. smoke runs); the schedule still spans `epochs`
+    batch_size: int = Field(256, ge=1)  # per device
+    base_lr: float = Field(1e-4, gt=0)  # for a global batch of 256
+    scale_lr: bool = True  # lr = base_lr * global_batch / 256
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    grad_clip: float | None = None
+    accumulate_grad_batches: int = Field(1, ge=1)
+    precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "16-mixed"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    devices: int | Literal["auto"] = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
+    checkpoint_every_steps: int = Field(1000, ge=1)
+    val_every_steps: int | None = None  # default: validate at the end of each epoch
+    log_every_steps: int = Field(50, ge=1)
+    loggers: list[Literal["csv", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["csv"])
+    progress_bar: bool = True
+
+
+class Config(_Strict):
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.loss.itc_interm and self.model.shared.depth == 0:
+            raise ValueError("loss.itc_interm needs model.shared.depth >= 1 (x_interm comes from the shared block)")
+        if self.loss.kd != "none" and not self.teacher.enabled:
+            raise ValueError(f"loss.kd is {self.loss.kd!r} but teacher.enabled is false; set loss.kd=none")
+        return self
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        got = e.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {e['msg']}{got_text}")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (so 1e-4, true, [1,2] work)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        node: Any = out
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = node.setdefault(part, {})
+        last = parts[-1]
+        value = yaml.safe_load(text) if text.strip() else None
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"override {key!r}: parent is not a section")
+    return out
+
+
+def _check_paths(cfg: Config, base: Path) -> None:
+    """Resolve relative paths against the config's folder and require inputs to exist."""
+    missing: list[str] = []
+
+    def resolve(p: Path | None, key: str) -> Path | None:
+        if p is None:
+            return None
+        p = p.expanduser()
+        if not p.is_absolute():
+            p = (base / p).resolve()
+        if not p.exists():
+            missing.append(f"  {key}: {p} does not exist")
+        return p
+
+    for tower, key in ((cfg.model.image, "model.image"), (cfg.teacher, "teacher")):
+        tower.checkpoint = resolve(tower.checkpoint, f"{key}.checkpoint")
+    sources = [(f"data.train.{i}", s) for i, s in enumerate(cfg.data.train)]
+    if cfg.data.val is not None:
+        sources.append(("data.val", cfg.data.val))
+    for key, src in sources:
+        if isinstance(src, WebDatasetSource):
+            continue  # URLs may be remote or brace patterns; the reader reports bad shards
+        src.path = resolve(src.path, f"{key}.path")
+        root = getattr(src, "images", None)
+        if root is not None:
+            src.images = resolve(root, f"{key}.images")
+    if missing:
+        raise ConfigError("missing files in config:\n" + "\n".join(missing))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>", base: Path | None = None,
+                 check_paths: bool = True) -> Config:
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    if check_paths:
+        _check_paths(cfg, base or Path.cwd())
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Config:
+    """Read, override and validate a YAML config; relative paths are relative to the cwd."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return parse_config(raw, source=str(path), check_paths=check_paths)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (atomically) so a run can be inspected and repeated."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)

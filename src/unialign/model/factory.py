@@ -1,0 +1,100 @@
+"""One place that turns a config (or a checkpoint) into a model, its transform and tokenizer."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ..config import Config
+from .smke import SMKE
+from .towers import TextTower, build_image_tower
+
+
+class TextTokenizer:
+    """Callable tokenizer with the model's max length baked in (open_clip's `tokenizer(texts)` shape)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, texts: str | list[str]) -> dict[str, torch.Tensor]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+
+def create_student(cfg: Config, kd_dim: int | None, tower_meta: dict[str, Any] | None = None) -> SMKE:
+    """Build the trainable model; with `tower_meta` (from a checkpoint) no weights are fetched."""
+    m = cfg.model
+    pretrained = tower_meta is None
+    image = build_image_tower(m.image.backend, m.image.name, pretrained and m.image.pretrained,
+                              m.image.checkpoint if pretrained else None, m.image.layers, m.image.kwargs,
+                              hf_config=(tower_meta or {}).get("image_hf_config"))
+    text = TextTower(m.text.name, pretrained and m.text.pretrained, m.text.layers,
+                     hf_config=(tower_meta or {}).get("text_hf_config"))
+    return SMKE(image, text, shared_depth=m.shared.depth, num_heads=m.shared.num_heads,
+                mlp_ratio=m.shared.mlp_ratio, layer_scale_init=m.shared.layer_scale_init,
+                token_type_scale_init=m.shared.token_type_scale_init, kd_dim=kd_dim,
+                interm_logit_scale=cfg.loss.itc_interm)
+
+
+def tower_meta(model: SMKE, tokenizer: PreTrainedTokenizerBase, kd_dim: int | None) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild the model offline: tower configs and tokenizer files."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+    return {
+        "image_hf_config": model.image_tower.hf_config,
+        "text_hf_config": model.text_tower.hf_config,
+        "tokenizer_files": files,
+        "kd_dim": kd_dim,
+    }
+
+
+def tokenizer_from_files(files: dict[str, bytes]) -> PreTrainedTokenizerBase:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def create_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(cfg.model.text.name)
+
+
+def eval_transform(cfg: Config) -> Callable:
+    from ..data.transforms import build_image_transform
+
+    d = cfg.data
+    return build_image_transform(d.image_size, d.mean, d.std, train=False, interpolation=d.interpolation)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "unialign" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a unialign training checkpoint (no 'unialign' metadata)")
+    return ckpt
+
+
+def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[SMKE, Callable, TextTokenizer]:
+    """Load a trained model for inference: ``model, preprocess, tokenizer = unialign.load(ckpt)``.
+
+    Needs no network: tower shapes and tokenizer files travel inside the checkpoint.
+    """
+    ckpt = read_checkpoint(checkpoint)
+    cfg = Config.model_validate(ckpt["hyper_parameters"]["config"])
+    meta = ckpt["unialign"]
+    model = create_student(cfg, meta["kd_dim"], tower_meta=meta)
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    tokenizer = TextTokenizer(tokenizer_from_files(meta["tokenizer_files"]), cfg.model.text.max_length)
+    return model.to(device).eval(), eval_transform(cfg), tokenizer

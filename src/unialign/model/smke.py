@@ -1,0 +1,134 @@
+"""S-SMKE: two truncated unimodal towers under one shared Transformer block.
+
+Image and text sequences pass through the shared block separately (no cross-attention),
+so retrieval embeddings of each modality can be computed and indexed on their own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention, LayerScale, Mlp
+from torch import nn
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100)
+
+
+class SharedBlock(nn.Module):
+    """Pre-LN Transformer block that also exposes the CLS of its first MLP layer (pre-GELU).
+
+    That hidden activation (`x_interm`) is a second contrastive feature in the author's code;
+    timm's Block hides it, so the block is assembled here from timm's parts.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, layer_scale_init: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=True)
+        self.ls1 = LayerScale(dim, init_values=layer_scale_init)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.ls2 = LayerScale(dim, init_values=layer_scale_init)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask))
+        hidden = self.mlp.fc1(self.norm2(x))
+        interm_cls = hidden[:, 0]
+        out = self.mlp.fc2(self.mlp.norm(self.mlp.drop1(self.mlp.act(hidden))))
+        return x + self.ls2(self.mlp.drop2(out)), interm_cls
+
+
+@dataclass
+class Embeddings:
+    """What the model gives for one modality: all taken from the CLS token."""
+
+    embedding: torch.Tensor  # L2-normalised retrieval embedding `x`
+    interm: torch.Tensor | None  # L2-normalised first-MLP-layer CLS `x_interm` (None without a shared block)
+    kd: torch.Tensor  # KD-head output, compared with the teacher's target
+
+
+class SMKE(nn.Module):
+    """Image tower + text tower + token-type embedding + shared block(s) + KD head."""
+
+    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, shared_depth: int = 1, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, layer_scale_init: float = 0.2, token_type_scale_init: float = 1e-5,
+                 kd_dim: int | None = None, interm_logit_scale: bool = True) -> None:
+        super().__init__()
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        width = int(image_tower.width)
+        if width % num_heads:
+            raise ValueError(f"model.shared.num_heads={num_heads} does not divide the shared width {width}")
+        self.width = width
+        # Towers of different widths meet in the image tower's width.
+        self.text_proj = nn.Linear(text_tower.width, width) if text_tower.width != width else nn.Identity()
+        self.token_type = nn.Embedding(2, width)  # 0 = text, 1 = image
+        self.token_type_scale = LayerScale(width, init_values=token_type_scale_init)
+        self.shared = nn.ModuleList(
+            SharedBlock(width, num_heads, mlp_ratio, layer_scale_init) for _ in range(shared_depth)
+        )
+        self.kd_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, kd_dim or width))
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.logit_scale_interm = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT)) if interm_logit_scale else None
+        self._init_new_parts()
+
+    def _init_new_parts(self) -> None:
+        """normal(0, 0.02) for every new weight; the pretrained towers are left untouched."""
+        new_parts = [self.text_proj, self.token_type, self.shared, self.kd_head]
+        for part in new_parts:
+            for module in part.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=0.02)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
+                elif isinstance(module, nn.LayerNorm):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+
+    def _shared(self, tokens: torch.Tensor, modality: int, attn_mask: torch.Tensor | None) -> Embeddings:
+        tokens = tokens + self.token_type_scale(self.token_type.weight[modality])
+        interm = None
+        for block in self.shared:
+            tokens, interm = block(tokens, attn_mask)
+        cls = tokens[:, 0]
+        return Embeddings(
+            embedding=F.normalize(cls, dim=-1),
+            interm=F.normalize(interm, dim=-1) if interm is not None else None,
+            kd=self.kd_head(cls),
+        )
+
+    def image_embeddings(self, pixels: torch.Tensor) -> Embeddings:
+        return self._shared(self.image_tower(pixels), 1, None)
+
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Embeddings:
+        tokens = self.text_proj(self.text_tower(input_ids, attention_mask))
+        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): padding never attended
+        return self._shared(tokens, 0, keep)
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[Embeddings, Embeddings]:
+        return self.image_embeddings(pixels), self.text_embeddings(input_ids, attention_mask)
+
+    # open_clip-style API, so CLIP tooling can drive a unialign model.
+    # Embeddings are always L2-normalised.
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_embeddings(pixels).embedding
+
+    def encode_text(self, tokens: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Takes the tokenizer's output dict, or bare input ids (padding inferred from the pad id)."""
+        if isinstance(tokens, torch.Tensor):
+            pad_id = self.text_tower.model.config.pad_token_id or 0
+            tokens = {"input_ids": tokens, "attention_mask": (tokens != pad_id).long()}
+        return self.text_embeddings(tokens["input_ids"], tokens["attention_mask"]).embedding
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Contrastive logit scales, clamped to [0, ln 100] before exponentiation (CLIP's cap)."""
+        main = self.logit_scale.clamp(0, LOGIT_SCALE_MAX).exp()
+        interm = None
+        if self.logit_scale_interm is not None:
+            interm = self.logit_scale_interm.clamp(0, LOGIT_SCALE_MAX).exp()
+        return main, interm

@@ -1,0 +1,177 @@
+"""Pretrained unimodal towers, cut down to their first layers.
+
+The method keeps only the lower blocks of a self-supervised image model and of BERT:
+they hold most of the transferable features at a fraction of the compute. Truncation
+reuses the pretrained block modules themselves, so kept weights are exactly the
+pretrained ones. Image backends are looked up in a registry (timm, Hugging Face).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+
+def select_layers(total: int, layers: int | list[int], what: str) -> list[int]:
+    """Indices of the blocks to keep: the first N, or an explicit list (e.g. every second)."""
+    indices = list(range(layers)) if isinstance(layers, int) else list(layers)
+    bad = [i for i in indices if not 0 <= i < total]
+    if bad:
+        raise ValueError(f"{what} has {total} blocks; cannot keep block(s) {bad}")
+    return indices
+
+
+def hf_config_from_dict(config: dict[str, Any]) -> PretrainedConfig:
+    """Rebuild a transformers config saved in a unialign checkpoint, offline."""
+    config = dict(config)
+    return AutoConfig.for_model(config.pop("model_type"), **config)
+
+
+def _layer_list(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """Where a transformers model keeps its blocks (the layout differs across models and versions)."""
+    for path in ("encoder.layer", "encoder.layers", "layers"):
+        *parents, attr = path.split(".")
+        parent: nn.Module | None = model
+        for name in parents:
+            parent = getattr(parent, name, None)
+        if isinstance(getattr(parent, attr, None), nn.ModuleList):
+            return parent, attr
+    return None
+
+
+def truncate_hf_layers(model: nn.Module, layers: int | list[int], what: str) -> None:
+    """Keep the chosen blocks of a transformers model, in place, and record it in its config."""
+    found = _layer_list(model)
+    if found is None:
+        raise ValueError(f"{what} has no list of Transformer layers to truncate")
+    parent, attr = found
+    blocks = getattr(parent, attr)
+    keep = select_layers(len(blocks), layers, what)
+    setattr(parent, attr, nn.ModuleList([blocks[i] for i in keep]))
+    model.config.num_hidden_layers = len(keep)
+
+
+class ImageTower(nn.Module):
+    """A ViT-like image model returning its token sequence (CLS first) after the kept blocks.
+
+    `hf_config` is set only for Hugging Face backbones: unialign checkpoints store it so a
+    model can be rebuilt without the hub.
+    """
+
+    width: int
+    hf_config: dict[str, Any] | None
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TimmImageTower(ImageTower):
+    def __init__(self, name: str, pretrained: bool, checkpoint: Path | None, layers: int | list[int] | None,
+                 kwargs: dict[str, Any], keep_final_norm: bool = False) -> None:
+        super().__init__()
+        create_kwargs: dict[str, Any] = dict(kwargs)
+        if checkpoint is not None:
+            create_kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
+        model = timm.create_model(name, pretrained=pretrained or checkpoint is not None, num_classes=0,
+                                  **create_kwargs)
+        if not isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList)):
+            raise ValueError(f"timm model {name!r} has no `blocks` list; only ViT-like models can be truncated")
+        if layers is not None:
+            keep = select_layers(len(model.blocks), layers, f"timm model {name!r}")
+            model.blocks = nn.Sequential(*[model.blocks[i] for i in keep])
+        else:
+            model.blocks = nn.Sequential(*model.blocks)
+        if not keep_final_norm:
+            model.norm = nn.Identity()
+        self.model = model
+        self.width = int(model.embed_dim)
+        self.hf_config = None
+        self.data_config = timm.data.resolve_data_config({}, model=model)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(pixels)
+
+
+class HFImageTower(ImageTower):
+    """Hugging Face ViT/DINOv2/BEiT/Data2VecVision models."""
+
+    def __init__(self, name: str, pretrained: bool, checkpoint: Path | None, layers: int | list[int] | None,
+                 kwargs: dict[str, Any], keep_final_norm: bool = False,
+                 hf_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if checkpoint is not None:
+            raise ValueError("Hugging Face image towers load from `name` (a hub name or local directory), "
+                             f"not from a checkpoint file ({checkpoint})")
+        if hf_config is not None:
+            model = AutoModel.from_config(hf_config_from_dict(hf_config))
+        elif pretrained:
+            model = AutoModel.from_pretrained(name, **kwargs)
+        else:
+            model = AutoModel.from_config(AutoConfig.from_pretrained(name, **kwargs))
+        if layers is not None and hf_config is None:
+            truncate_hf_layers(model, layers, f"Hugging Face model {name!r}")
+        if not keep_final_norm and hasattr(model, "layernorm"):
+            model.layernorm = nn.Identity()
+        if hasattr(model, "pooler"):
+            model.pooler = None
+        self.model = model
+        self.width = int(model.config.hidden_size)
+        self.hf_config = model.config.to_dict()
+        self.data_config = {}
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixels).last_hidden_state
+
+
+IMAGE_BACKENDS: dict[str, Callable[..., ImageTower]] = {"timm": TimmImageTower, "hf": HFImageTower}
+
+
+def build_image_tower(backend: str, name: str, pretrained: bool, checkpoint: Path | None = None,
+                      layers: int | list[int] | None = None, kwargs: dict[str, Any] | None = None,
+                      keep_final_norm: bool = False, hf_config: dict[str, Any] | None = None) -> ImageTower:
+    if backend not in IMAGE_BACKENDS:
+        raise ValueError(f"unknown image backend {backend!r}; choose one of {sorted(IMAGE_BACKENDS)}")
+    extra = {"hf_config": hf_config} if backend == "hf" else {}
+    return IMAGE_BACKENDS[backend](name, pretrained, checkpoint, layers, kwargs or {}, keep_final_norm, **extra)
+
+
+class TextTower(nn.Module):
+    """A BERT-like encoder cut to its first N layers, pooler removed (the CLS token is used raw)."""
+
+    def __init__(self, name: str, pretrained: bool, layers: int, hf_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if hf_config is not None:
+            model = _text_model_from_config(hf_config_from_dict(hf_config))
+        elif pretrained:
+            model = _text_model_from_pretrained(name)
+        else:
+            model = _text_model_from_config(AutoConfig.from_pretrained(name))
+        if hf_config is None:
+            truncate_hf_layers(model, layers, f"text model {name!r}")
+        self.model = model
+        self.width = int(model.config.hidden_size)
+        self.hf_config = model.config.to_dict()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _text_model_from_pretrained(name: str) -> nn.Module:
+    try:
+        return AutoModel.from_pretrained(name, add_pooling_layer=False, attn_implementation="sdpa")
+    except TypeError:  # models without a pooler do not take the flag
+        return AutoModel.from_pretrained(name, attn_implementation="sdpa")
+
+
+def _text_model_from_config(config: PretrainedConfig) -> nn.Module:
+    config._attn_implementation = "sdpa"
+    try:
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    except TypeError:
+        return AutoModel.from_config(config)
+

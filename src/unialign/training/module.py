@@ -1,0 +1,183 @@
+"""The training step: teacher targets -> student embeddings -> ITC + KD losses -> metrics."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+
+from ..config import Config
+from ..evaluation import retrieval_metrics
+from ..losses import ContrastiveDistillationLoss, ContrastiveLoss, MSEDistillationLoss
+from ..model.factory import create_student, tower_meta
+from ..model.teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+# Parameter names that get no weight decay besides 1-d tensors (biases, norms, scales): embeddings.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "embeddings", "token_type", "reg_token")
+
+
+class BadDataError(RuntimeError):
+    """Too much of the training data is unreadable to trust the run."""
+
+
+class SMKETraining(L.LightningModule):
+    def __init__(self, config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None = None,
+                 output_dir: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.cfg = Config.model_validate(config)
+        self.tokenizer = tokenizer
+        self.output_dir = Path(output_dir) if output_dir else None
+        # The teacher is frozen and rebuilt from the config, so it stays out of checkpoints.
+        self.strict_loading = False
+        self.teacher = Teacher(self.cfg.teacher) if self.cfg.teacher.enabled else None
+        kd_dim = self.teacher.width if self.teacher is not None else None
+        self.kd_dim = kd_dim
+        self.model = create_student(self.cfg, kd_dim)
+        self.itc = ContrastiveLoss()
+        loss = self.cfg.loss
+        self.kd: torch.nn.Module | None = None
+        if loss.kd == "contrastive":
+            self.kd = ContrastiveDistillationLoss(kd_dim, bank_size=loss.bank_size, temperature=loss.kd_temperature,
+                                                  learnable_temperature=loss.kd_learnable_temperature)
+        elif loss.kd == "mse":
+            self.kd = MSEDistillationLoss()
+        self.samples_seen = 0
+        self.samples_bad = 0
+        self._last_step_time: float | None = None
+        self._pairs_per_sec: float | None = None
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    # ----------------------------------------------------------------------------- training
+
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image_ids = batch["image_id"] if self.cfg.loss.same_image_positives else None
+        img, txt = self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        scale, scale_interm = self.model.scales()
+        itc = self.itc(img.embedding, txt.embedding, scale, image_ids)
+        out = {"itc": itc}
+        if self.cfg.loss.itc_interm:
+            out["itc_interm"] = self.itc(img.interm, txt.interm, scale_interm, image_ids)
+            itc = (itc + out["itc_interm"]) / 2
+        loss = self.cfg.loss.itc_weight * itc
+        if self.kd is not None and self.teacher is not None:
+            targets = self.teacher(batch.get("teacher_image", batch["image"]))
+            out["kd"] = self.kd(img.kd.float(), txt.kd.float(), targets, image_ids)
+            loss = loss + self.cfg.loss.kd_weight * out["kd"]
+        out["loss"] = loss
+        return out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self._account_bad_samples(batch)
+        out = self._losses(batch)
+        for name, value in out.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", on_step=True, on_epoch=False,
+                     batch_size=batch["image"].shape[0])
+        self.log("train/logit_scale", self.model.scales()[0], on_step=True, on_epoch=False)
+        return out["loss"]
+
+    def _account_bad_samples(self, batch: dict[str, Any]) -> None:
+        """Unreadable samples are skipped, counted, listed; too many of them stop the run."""
+        n_bad = int(batch.get("n_skipped", 0))
+        self.samples_seen += int(batch["image"].shape[0]) + n_bad
+        self.samples_bad += n_bad
+        if n_bad and self.output_dir is not None:
+            with open(self.output_dir / f"bad_samples.rank{self.global_rank}.tsv", "a") as f:
+                for path, reason in batch.get("skipped", []):
+                    f.write(f"{path}\t{reason}\n")
+        self.log("data/bad_samples", float(self.samples_bad), on_step=True, on_epoch=False, reduce_fx="sum")
+        limit = self.cfg.data.max_bad_fraction
+        min_seen = self.cfg.train.batch_size
+        if self.samples_seen >= min_seen and self.samples_bad > limit * self.samples_seen:
+            raise BadDataError(
+                f"{self.samples_bad} of {self.samples_seen} training samples were unreadable "
+                f"({100 * self.samples_bad / self.samples_seen:.1f}%), more than data.max_bad_fraction={limit}; "
+                f"see bad_samples.rank*.tsv in the output directory")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            world = self.trainer.world_size
+            rate = batch["image"].shape[0] * world / max(now - self._last_step_time, 1e-9)
+            self._pairs_per_sec = rate if self._pairs_per_sec is None else 0.9 * self._pairs_per_sec + 0.1 * rate
+            self.log("pairs_per_sec", self._pairs_per_sec, prog_bar=True, on_step=True, on_epoch=False,
+                     rank_zero_only=True)
+        self._last_step_time = now
+
+    # --------------------------------------------------------------------------- validation
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        img = self.model.encode_image(batch["image"])
+        txt = self.model.encode_text({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+        self._val_outputs.append((img.float(), txt.float(), batch["image_id"]))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        img, txt, ids = (torch.cat(x) for x in zip(*self._val_outputs))
+        self._val_outputs.clear()
+        if self.trainer.world_size > 1:
+            img, txt, ids = (self.all_gather(x).flatten(0, 1) for x in (img, txt, ids))
+        # Pairs repeat an image once per caption: keep one embedding per image id.
+        unique_ids, caption_to_image = torch.unique(ids, return_inverse=True)
+        first = torch.full((len(unique_ids),), len(ids), dtype=torch.long, device=ids.device)
+        first.scatter_reduce_(0, caption_to_image, torch.arange(len(ids), device=ids.device), reduce="amin")
+        metrics = retrieval_metrics(img[first], txt, caption_to_image)
+        for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"):
+            self.log(f"val/{key}", metrics[key], prog_bar=key == "r_mean", sync_dist=False)
+
+    # ---------------------------------------------------------------------------- optimiser
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        t = self.cfg.train
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+        global_batch = t.batch_size * self.trainer.world_size * t.accumulate_grad_batches
+        lr = t.base_lr * global_batch / 256 if t.scale_lr else t.base_lr
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr, betas=t.betas, eps=t.eps, fused=self.device.type == "cuda",
+        )
+        self.trainer.estimated_stepping_batches  # sets up the train loader so its length is known
+        steps_per_epoch = math.ceil(self.trainer.num_training_batches / t.accumulate_grad_batches)
+        total = steps_per_epoch * t.epochs  # the schedule spans the configured epochs even if max_steps cuts it
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_fraction * total), total)
+        log.info("lr %.3g (base %.3g, global batch %d), %d steps, %d warm-up", lr, t.base_lr, global_batch,
+                 total, int(t.warmup_fraction * total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --------------------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        if self.tokenizer is not None:
+            checkpoint["unialign"] = tower_meta(self.model, self.tokenizer, self.kd_dim)
+        checkpoint["unialign_counters"] = {"seen": self.samples_seen, "bad": self.samples_bad}
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                             "python": random.getstate()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counters = checkpoint.get("unialign_counters", {})
+        self.samples_seen = counters.get("seen", 0)
+        self.samples_bad = counters.get("bad", 0)
+        rng = checkpoint.get("rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])

@@ -1,0 +1,131 @@
+"""Wiring a config into a Lightning Trainer: strategy, precision, checkpoints, loggers, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
+
+from ..config import Config, save_config
+from ..data import RetrievalDataModule
+from ..model.factory import create_tokenizer
+from ..model.smke import SharedBlock
+from .module import SMKETraining
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+FINAL = "final.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+def _strategy(cfg: Config) -> Strategy | str:
+    t = cfg.train
+    if t.strategy in ("ddp", "ddp_spawn"):
+        # The memory bank is a buffer identical on every rank; broadcasting it each step costs
+        # ~200 MB of traffic for nothing.
+        return DDPStrategy(start_method="spawn" if t.strategy == "ddp_spawn" else "popen", broadcast_buffers=False)
+    if t.strategy == "fsdp":
+        from timm.models.vision_transformer import Block
+        from transformers.models.bert.modeling_bert import BertLayer
+
+        # Shard per Transformer block: image tower (timm ViT), text tower (BERT), shared block.
+        return FSDPStrategy(auto_wrap_policy={Block, BertLayer, SharedBlock}, state_dict_type="full")
+    return t.strategy
+
+
+def _loggers(cfg: Config, output: Path) -> list[Logger]:
+    loggers: list[Logger] = []
+    for name in cfg.train.loggers:
+        if name == "csv":
+            loggers.append(CSVLogger(save_dir=output, name="logs"))
+        elif name == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=output, name="tensorboard"))
+        elif name == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers.append(WandbLogger(save_dir=str(output), project="unialign"))
+    return loggers
+
+
+def build_trainer(cfg: Config, output: Path, callbacks: list[Callback] | None = None) -> L.Trainer:
+    t = cfg.train
+    checkpointing = ModelCheckpoint(dirpath=output / CHECKPOINT_DIR, filename="step{step:08d}",
+                                    auto_insert_metric_name=False, every_n_train_steps=t.checkpoint_every_steps,
+                                    save_top_k=1, save_last=True)
+    extra: list[Callback] = [checkpointing]
+    if t.progress_bar:
+        extra.append(TQDMProgressBar(refresh_rate=1))
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(cfg),
+        precision=t.precision, max_epochs=t.epochs, max_steps=t.max_steps,
+        gradient_clip_val=t.grad_clip, accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_steps, val_check_interval=t.val_every_steps,
+        check_val_every_n_epoch=None if t.val_every_steps else 1,
+        callbacks=extra + (callbacks or []), logger=_loggers(cfg, output) or False,
+        enable_progress_bar=t.progress_bar, use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
+        default_root_dir=output, num_sanity_val_steps=0, enable_model_summary=False,
+    )
+
+
+def train(cfg: Config, output: str | Path, resume: bool = False,
+          callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Train from a validated config; `resume` continues from the output directory's last checkpoint."""
+    output = Path(output)
+    last = output / CHECKPOINT_DIR / LAST
+    if resume and not last.is_file():
+        raise FileNotFoundError(f"--resume given but {last} does not exist")
+    if not resume and last.is_file():
+        raise FileExistsError(f"{output} already holds a run ({last}); pass --resume to continue it "
+                              "or choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output / "config.yaml")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    tokenizer = create_tokenizer(cfg)
+    module = SMKETraining(cfg.model_dump(mode="json"), tokenizer=tokenizer, output_dir=str(output))
+    teacher_transform = None
+    if module.teacher is not None and cfg.teacher.view == "separate":
+        teacher_transform = module.teacher.train_transform(cfg.data)
+    datamodule = RetrievalDataModule(cfg.data, tokenizer, cfg.model.text.max_length, cfg.train.batch_size,
+                                     cfg.seed, teacher_transform=teacher_transform)
+    trainer = build_trainer(cfg, output, callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(output / CHECKPOINT_DIR / FINAL, weights_only=True)
+    summary = {
+        "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "samples_seen": module.samples_seen,
+        "samples_bad": module.samples_bad,
+        "empty_captions_skipped": datamodule.stats.get("empty_captions_skipped", 0),
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "final_checkpoint": str(output / CHECKPOINT_DIR / FINAL),
+    }
+    if trainer.is_global_zero:
+        tmp = output / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(output / "summary.json")
+    return summary

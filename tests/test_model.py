@@ -1,0 +1,157 @@
+"""Model: truncation keeps pretrained weights, the shared block's outputs, masking, teacher freezing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, ViTConfig, ViTModel
+
+from conftest import TINY_VIT
+from unialign.config import TeacherConfig
+from unialign.model.smke import LOGIT_SCALE_MAX, SMKE
+from unialign.model.teacher import Teacher
+from unialign.model.towers import TextTower, build_image_tower
+
+
+def test_timm_truncation_keeps_first_blocks_exactly(teacher_checkpoint):
+    full = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **TINY_VIT)
+    full.load_state_dict(torch.load(teacher_checkpoint))
+    tower = build_image_tower("timm", "vit_small_patch16_224", pretrained=False, checkpoint=teacher_checkpoint,
+                              layers=2, kwargs=TINY_VIT)
+    assert len(tower.model.blocks) == 2
+    for kept, original in zip(tower.model.blocks, list(full.blocks)[:2]):
+        for (name, a), (_, b) in zip(kept.state_dict().items(), original.state_dict().items()):
+            assert torch.equal(a, b), name
+    # Tokens after block 2 equal running the full model's first two blocks by hand.
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = full.norm_pre(full._pos_embed(full.patch_embed(x)))
+        for blk in list(full.blocks)[:2]:
+            h = blk(h)
+        assert torch.allclose(tower(x), h, atol=1e-6)
+
+
+def test_timm_every_second_layer_and_bad_index():
+    tower = build_image_tower("timm", "vit_small_patch16_224", pretrained=False, layers=[0, 2], kwargs=TINY_VIT)
+    assert len(tower.model.blocks) == 2
+    with pytest.raises(ValueError, match=r"has 4 blocks; cannot keep block\(s\) \[7\]"):
+        build_image_tower("timm", "vit_small_patch16_224", pretrained=False, layers=[0, 7], kwargs=TINY_VIT)
+
+
+def test_text_truncation_keeps_layers_and_drops_pooler(text_model_dir):
+    full = AutoModel.from_pretrained(text_model_dir)
+    tower = TextTower(str(text_model_dir), pretrained=True, layers=2)
+    assert len(tower.model.encoder.layer) == 2
+    assert getattr(tower.model, "pooler", None) is None
+    for i in range(2):
+        for (name, a), (_, b) in zip(tower.model.encoder.layer[i].state_dict().items(),
+                                     full.encoder.layer[i].state_dict().items()):
+            assert torch.equal(a, b), name
+    for name, a in tower.model.embeddings.state_dict().items():
+        assert torch.equal(a, full.embeddings.state_dict()[name]), name
+
+
+def test_hf_image_tower_truncation(tmp_path):
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                    image_size=32, patch_size=8)
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path)
+    full = ViTModel.from_pretrained(tmp_path)
+    tower = build_image_tower("hf", str(tmp_path), pretrained=True, layers=2)
+    assert tower.model.config.num_hidden_layers == 2 and tower.width == 32
+    kept = dict(tower.model.named_parameters())
+    assert not any(".2." in name for name in kept)
+    for name, p in full.named_parameters():
+        if name in kept:
+            assert torch.equal(p, kept[name]), name
+    assert tower(torch.randn(1, 3, 32, 32)).shape == (1, 17, 32)
+
+
+def _model(text_model_dir, **kw) -> SMKE:
+    image = build_image_tower("timm", "vit_small_patch16_224", pretrained=False, layers=2, kwargs=TINY_VIT)
+    text = TextTower(str(text_model_dir), pretrained=True, layers=2)
+    return SMKE(image, text, shared_depth=kw.pop("depth", 1), num_heads=4, kd_dim=48, **kw)
+
+
+def test_outputs_are_normalised_and_interm_is_first_mlp_layer_cls(text_model_dir):
+    model = _model(text_model_dir).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = model.image_embeddings(pixels)
+        assert out.embedding.shape == (3, 64) and out.interm.shape == (3, 256) and out.kd.shape == (3, 48)
+        assert torch.allclose(out.embedding.norm(dim=-1), torch.ones(3), atol=1e-5)
+        # Independent recomputation of the shared block.
+        tokens = model.image_tower(pixels) + 1e-5 * model.token_type.weight[1]
+        blk = model.shared[0]
+        h = tokens + blk.ls1.gamma * blk.attn(blk.norm1(tokens))
+        fc1 = F.linear(blk.norm2(h), blk.mlp.fc1.weight, blk.mlp.fc1.bias)
+        assert torch.allclose(out.interm, F.normalize(fc1[:, 0], dim=-1), atol=1e-5)
+        mlp = blk.mlp.fc2(F.gelu(fc1))
+        cls = (h + blk.ls2.gamma * mlp)[:, 0]
+        assert torch.allclose(out.embedding, F.normalize(cls, dim=-1), atol=1e-5)
+
+
+def test_text_padding_is_masked(text_model_dir):
+    model = _model(text_model_dir).eval()
+    ids = torch.tensor([[2, 10, 11, 3, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    other_padding = ids.clone()
+    other_padding[0, 4:] = 17
+    with torch.no_grad():
+        a = model.encode_text({"input_ids": ids, "attention_mask": mask})
+        b = model.encode_text({"input_ids": other_padding, "attention_mask": mask})
+        c = model.encode_text(ids)  # bare ids: mask inferred from the pad id
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+
+
+def test_new_parts_init_and_logit_scale_clamp(text_model_dir):
+    model = _model(text_model_dir)
+    w = model.shared[0].attn.qkv.weight
+    assert abs(w.std().item() - 0.02) < 0.003 and abs(w.mean().item()) < 0.002
+    assert torch.allclose(model.shared[0].ls1.gamma, torch.full((64,), 0.2))
+    assert torch.allclose(model.token_type_scale.gamma, torch.full((64,), 1e-5))
+    assert math.isclose(model.scales()[0].item(), 1 / 0.07, rel_tol=1e-5)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+        model.logit_scale_interm.fill_(-3.0)
+    main, interm = model.scales()
+    assert math.isclose(main.item(), math.exp(LOGIT_SCALE_MAX), rel_tol=1e-5)
+    assert math.isclose(interm.item(), 1.0)
+
+
+def test_shared_depth_zero_and_two(text_model_dir):
+    for depth in (0, 2):
+        model = _model(text_model_dir, depth=depth, interm_logit_scale=depth > 0).eval()
+        out = model.image_embeddings(torch.randn(2, 3, 32, 32))
+        assert (out.interm is None) == (depth == 0)
+        assert len(model.shared) == depth
+
+
+def test_teacher_frozen_eval_and_target_block(teacher_checkpoint):
+    cfg = TeacherConfig(name="vit_small_patch16_224", pretrained=False, checkpoint=teacher_checkpoint,
+                        kwargs=TINY_VIT, block=1)
+    teacher = Teacher(cfg)
+    teacher.train()
+    assert not teacher.training and not teacher.backbone.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    full = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **TINY_VIT)
+    full.load_state_dict(torch.load(teacher_checkpoint))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = full.norm_pre(full._pos_embed(full.patch_embed(x)))
+        for blk in list(full.blocks)[:2]:
+            h = blk(h)
+    assert torch.allclose(teacher(x), F.normalize(h[:, 0], dim=-1), atol=1e-5)
+    # Default: last block, before the final norm; after_norm applies it.
+    last = Teacher(TeacherConfig(name="vit_small_patch16_224", pretrained=False, checkpoint=teacher_checkpoint,
+                                 kwargs=TINY_VIT))
+    normed = Teacher(TeacherConfig(name="vit_small_patch16_224", pretrained=False, checkpoint=teacher_checkpoint,
+                                   kwargs=TINY_VIT, after_norm=True))
+    with torch.no_grad():
+        feats = full.forward_features(x)  # includes the final norm
+        pre = full.blocks(full.norm_pre(full._pos_embed(full.patch_embed(x))))
+    assert torch.allclose(normed(x), F.normalize(feats[:, 0], dim=-1), atol=1e-5)
+    assert torch.allclose(last(x), F.normalize(pre[:, 0], dim=-1), atol=1e-5)
