@@ -155,3 +155,21 @@ def test_teacher_frozen_eval_and_target_block(teacher_checkpoint):
         pre = full.blocks(full.norm_pre(full._pos_embed(full.patch_embed(x))))
     assert torch.allclose(normed(x), F.normalize(feats[:, 0], dim=-1), atol=1e-5)
     assert torch.allclose(last(x), F.normalize(pre[:, 0], dim=-1), atol=1e-5)
+
+
+def test_export_and_load_roundtrip_offline(tiny_checkpoint):
+    import unialign
+
+    model, preprocess, tokenizer = unialign.load(tiny_checkpoint)
+    assert not model.training
+    from PIL import Image
+
+    pixels = preprocess(Image.new("RGB", (40, 30), (200, 10, 10))).unsqueeze(0)
+    assert pixels.shape == (1, 3, 32, 32)
+    img = model.encode_image(pixels)
+    txt = model.encode_text(tokenizer(["a red square", "blue"]))
+    assert img.shape == (1, 64) and txt.shape == (2, 64)
+    assert torch.allclose(txt.norm(dim=-1), torch.ones(2), atol=1e-5)
+    again, _, _ = unialign.load(tiny_checkpoint)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -129,10 +129,12 @@ DataSource = Annotated[Union[KarpathySource, ManifestSource, WebDatasetSource], 
 
 class DataConfig(_Strict):
     train: list[DataSource] = Field(min_length=1)
-    val: DataSource | None = None
+    val: KarpathySource | ManifestSource | None = None
     val_split: str = "val"  # split read from a Karpathy val source
     image_size: int = Field(224, ge=8)
     train_scale: tuple[float, float] = (0.9, 1.0)
+    hflip: bool = True  # paper: on; turn off when captions name left/right
+    shuffle_buffer: int = Field(1000, ge=0)  # samples, for webdataset sources
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -202,6 +204,17 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _parse_value(text: str) -> Any:
+    """YAML scalar parsing, plus floats like 1e-4 that YAML 1.1 would leave as strings."""
+    value = yaml.safe_load(text) if text.strip() else None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides; values are parsed as YAML (so 1e-4, true, [1,2] work)."""
     out = copy.deepcopy(raw)
@@ -219,7 +232,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"override {key!r}: {'.'.join(parts[: i + 1])} is not a section")
             node = node.setdefault(part, {})
         last = parts[-1]
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _parse_value(text)
         if isinstance(node, list) and last.isdigit() and int(last) < len(node):
             node[int(last)] = value
         elif isinstance(node, dict):
@@ -250,13 +263,27 @@ def _check_paths(cfg: Config, base: Path) -> None:
         sources.append(("data.val", cfg.data.val))
     for key, src in sources:
         if isinstance(src, WebDatasetSource):
-            continue  # URLs may be remote or brace patterns; the reader reports bad shards
+            _check_local_shards(src.urls, f"{key}.urls", missing)
+            continue
         src.path = resolve(src.path, f"{key}.path")
         root = getattr(src, "images", None)
         if root is not None:
             src.images = resolve(root, f"{key}.images")
     if missing:
         raise ConfigError("missing files in config:\n" + "\n".join(missing))
+
+
+def _check_local_shards(urls: str, key: str, missing: list[str]) -> None:
+    """Local shard paths must exist; remote URLs (scheme://, pipe:) are checked when read."""
+    import braceexpand
+
+    for pattern in urls.split("::"):
+        if "://" in pattern or pattern.startswith("pipe:"):
+            continue
+        absent = [p for p in braceexpand.braceexpand(pattern) if not Path(p).expanduser().exists()]
+        if absent:
+            more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+            missing.append(f"  {key}: shard {absent[0]} does not exist{more}")
 
 
 def parse_config(raw: dict[str, Any], source: str = "<dict>", base: Path | None = None,

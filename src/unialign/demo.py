@@ -31,7 +31,7 @@ def make_text_model(directory: Path, captions: list[str], hidden: int = 96, laye
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     vocab = SPECIAL_TOKENS + sorted(words | set(letters) | {f"##{ch}" for ch in letters})
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"), do_lower_case=True)
     tokenizer.save_pretrained(directory)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=128)

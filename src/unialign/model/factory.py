@@ -78,10 +78,26 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no code runs from a checkpoint
     if "unialign" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a unialign training checkpoint (no 'unialign' metadata)")
     return ckpt
+
+
+def export_checkpoint(model: SMKE, cfg: Config, tokenizer: PreTrainedTokenizerBase, path: str | Path,
+                      kd_dim: int | None = None) -> Path:
+    """Write an inference checkpoint (weights + config + tower metadata) that `load` reads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "hyper_parameters": {"config": cfg.model_dump(mode="json")},
+        "unialign": tower_meta(model, tokenizer, kd_dim),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+    return path
 
 
 def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[SMKE, Callable, TextTokenizer]:

@@ -37,7 +37,8 @@ class Teacher(nn.Module):
 
         stats = self.backbone.data_config
         return build_image_transform(data.image_size, stats.get("mean", data.mean), stats.get("std", data.std),
-                                     train=True, scale=data.train_scale, interpolation=data.interpolation)
+                                     train=True, scale=data.train_scale, interpolation=data.interpolation,
+                                     hflip=data.hflip)
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)

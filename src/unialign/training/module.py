@@ -77,8 +77,10 @@ class SMKETraining(L.LightningModule):
         out["loss"] = loss
         return out
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self._account_bad_samples(batch)
+        if batch["size"] == 0:  # every sample of the batch was unreadable: nothing to learn from
+            return None
         out = self._losses(batch)
         for name, value in out.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", on_step=True, on_epoch=False,
@@ -89,7 +91,7 @@ class SMKETraining(L.LightningModule):
     def _account_bad_samples(self, batch: dict[str, Any]) -> None:
         """Unreadable samples are skipped, counted, listed; too many of them stop the run."""
         n_bad = int(batch.get("n_skipped", 0))
-        self.samples_seen += int(batch["image"].shape[0]) + n_bad
+        self.samples_seen += int(batch["size"]) + n_bad
         self.samples_bad += n_bad
         if n_bad and self.output_dir is not None:
             with open(self.output_dir / f"bad_samples.rank{self.global_rank}.tsv", "a") as f:
@@ -127,7 +129,7 @@ class SMKETraining(L.LightningModule):
         img, txt, ids = (torch.cat(x) for x in zip(*self._val_outputs))
         self._val_outputs.clear()
         if self.trainer.world_size > 1:
-            img, txt, ids = (self.all_gather(x).flatten(0, 1) for x in (img, txt, ids))
+            img, txt, ids = (self._gather_uneven(x) for x in (img, txt, ids))
         # Pairs repeat an image once per caption: keep one embedding per image id.
         unique_ids, caption_to_image = torch.unique(ids, return_inverse=True)
         first = torch.full((len(unique_ids),), len(ids), dtype=torch.long, device=ids.device)
@@ -135,6 +137,14 @@ class SMKETraining(L.LightningModule):
         metrics = retrieval_metrics(img[first], txt, caption_to_image)
         for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"):
             self.log(f"val/{key}", metrics[key], prog_bar=key == "r_mean", sync_dist=False)
+
+    def _gather_uneven(self, x: torch.Tensor) -> torch.Tensor:
+        """all_gather for per-rank tensors whose first dimension differs (validation shards)."""
+        sizes = self.all_gather(torch.tensor(len(x), device=x.device)).flatten().tolist()
+        padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[: len(x)] = x
+        gathered = self.all_gather(padded)
+        return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
 
     # ---------------------------------------------------------------------------- optimiser
 
@@ -169,7 +179,9 @@ class SMKETraining(L.LightningModule):
         if self.tokenizer is not None:
             checkpoint["unialign"] = tower_meta(self.model, self.tokenizer, self.kd_dim)
         checkpoint["unialign_counters"] = {"seen": self.samples_seen, "bad": self.samples_bad}
-        checkpoint["rng"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
                              "python": random.getstate()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -179,5 +191,6 @@ class SMKETraining(L.LightningModule):
         rng = checkpoint.get("rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+            kind, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
             random.setstate(rng["python"])

@@ -112,7 +112,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
     datamodule = RetrievalDataModule(cfg.data, tokenizer, cfg.model.text.max_length, cfg.train.batch_size,
                                      cfg.seed, teacher_transform=teacher_transform)
     trainer = build_trainer(cfg, output, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     trainer.save_checkpoint(last)
     trainer.save_checkpoint(output / CHECKPOINT_DIR / FINAL, weights_only=True)
     summary = {
@@ -120,7 +120,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
         "epochs": trainer.current_epoch,
         "samples_seen": module.samples_seen,
         "samples_bad": module.samples_bad,
-        "empty_captions_skipped": datamodule.stats.get("empty_captions_skipped", 0),
+        "empty_captions_skipped": datamodule.stats.get("train_skipped_empty", 0),
+        "data": datamodule.stats,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "final_checkpoint": str(output / CHECKPOINT_DIR / FINAL),
     }

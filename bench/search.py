@@ -1,0 +1,345 @@
+"""Search benchmarks: ANN query latency + recall against exact search, and a loopback load test.
+
+    python bench/search.py                       # 1,000,000 x 768, the auto index for that size (IVF)
+    python bench/search.py --n 200000 --index-type hnsw --json out.json
+    python bench/search.py --serve-load          # load test of `unialign serve` on 127.0.0.1
+
+Latency is measured one query at a time (the interactive case); recall@10 of the approximate
+index is measured against IndexFlatIP on the same vectors in the same run. Vectors are
+L2-normalised like real embeddings. ``--data clustered`` (default) draws them around random
+centres the way embeddings of a photo collection bunch into topics; ``--data uniform`` is the
+isotropic worst case for any partition- or graph-based index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def machine() -> dict[str, Any]:
+    """CPU model and core count, so numbers are never quoted without the machine."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        gpu = None
+    # Other work on the machine skews latency: the load average says whether a run was quiet.
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": gpu, "python": platform.python_version(),
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+def percentiles(samples_s: list[float]) -> dict[str, float]:
+    ms = np.asarray(samples_s) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean()), "max_ms": float(ms.max())}
+
+
+def make_vectors(n: int, dim: int, data: str, clusters: int, rng: np.random.Generator,
+                 centres: np.ndarray | None = None, block: int = 100_000) -> np.ndarray:
+    """Unit vectors, generated in blocks so 1M x 768 never needs a float64 copy (6 GB)."""
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        x = rng.standard_normal((stop - start, dim), dtype=np.float32)
+        if data == "clustered":
+            assert centres is not None
+            # centre + noise of the same norm: same-topic pairs have cosine ~0.5, others ~0
+            x = centres[rng.integers(0, clusters, stop - start)] + x / np.sqrt(dim)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[start:stop] = x
+    return out
+
+
+def single_query_latency(index: Any, queries: np.ndarray, k: int) -> list[float]:
+    """Seconds per query, one at a time, through the library's search path (`ann.search`)."""
+    from unialign.search import ann
+
+    times = []
+    for i in range(len(queries)):
+        q = queries[i:i + 1]
+        t0 = time.perf_counter()
+        ann.search(index, q, k)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_ann(args: argparse.Namespace) -> dict[str, Any]:
+    import faiss
+
+    from unialign.search import ann
+
+    host = machine()
+    rng = np.random.default_rng(args.seed)
+    centres = None
+    if args.data == "clustered":
+        centres = rng.standard_normal((args.clusters, args.dim), dtype=np.float32)
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    t0 = time.perf_counter()
+    base = make_vectors(args.n, args.dim, args.data, args.clusters, rng, centres)
+    queries = make_vectors(args.queries, args.dim, args.data, args.clusters, rng, centres)
+    log(f"generated {args.n} x {args.dim} {args.data} vectors in {time.perf_counter() - t0:.1f}s")
+    ids = np.arange(args.n, dtype=np.int64)
+
+    params = ann.choose_params(args.n, args.index_type, nprobe=args.nprobe, ef_search=args.ef_search)
+    t0 = time.perf_counter()
+    index = ann.build(base, ids, params)
+    build_s = time.perf_counter() - t0
+    log(f"built {params.describe()} in {build_s:.1f}s")
+
+    exact = faiss.IndexFlatIP(args.dim)
+    exact.add(base)
+    del base
+    t0 = time.perf_counter()
+    _, truth = exact.search(queries, args.k)
+    log(f"exact ground truth for {args.queries} queries in {time.perf_counter() - t0:.1f}s")
+
+    warm = min(20, len(queries))
+    single_query_latency(index, queries[:warm], args.k)
+    approx_times = single_query_latency(index, queries, args.k)
+    _, found = index.search(queries, args.k)
+    recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
+    exact_queries = queries[:args.exact_queries]
+    exact_times = single_query_latency(exact, exact_queries, args.k)
+    return {
+        "section": "ann",
+        "machine": host,
+        "faiss": faiss.__version__,
+        "omp_threads": faiss.omp_get_max_threads(),
+        "n": args.n, "dim": args.dim, "data": args.data,
+        "clusters": args.clusters if args.data == "clustered" else None,
+        "k": args.k, "queries": args.queries,
+        "index": params.describe(), "params": params.as_dict(),
+        "build_s": round(build_s, 2),
+        "latency": percentiles(approx_times),
+        f"recall@{args.k}": round(recall, 4),
+        "exact_latency": percentiles(exact_times), "exact_queries": len(exact_queries),
+    }
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def print_ann(r: dict[str, Any]) -> None:
+    m = r["machine"]
+    print(f"device: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'} (faiss {r['faiss']}, "
+          f"{r['omp_threads']} OpenMP threads; load average {m['loadavg_1m']} at start)")
+    print(f"N={r['n']:,} dim={r['dim']} data={r['data']}" + (f" ({r['clusters']} clusters)" if r["clusters"] else "")
+          + f" k={r['k']} queries={r['queries']}")
+    print(f"index: {r['index']} params={r['params']} build={r['build_s']}s")
+    lat, ex = r["latency"], r["exact_latency"]
+    print(f"approx single-query latency: p50={lat['p50_ms']:.2f} ms p99={lat['p99_ms']:.2f} ms "
+          f"mean={lat['mean_ms']:.2f} ms")
+    recall_key = f"recall@{r['k']}"
+    print(f"{recall_key} vs IndexFlatIP: {r[recall_key]:.4f}")
+    print(f"exact (IndexFlatIP) single-query latency over {r['exact_queries']} queries: "
+          f"p50={ex['p50_ms']:.2f} ms p99={ex['p99_ms']:.2f} ms")
+
+
+QUERIES = ["a red square", "a small blue circle", "the green box in the middle", "a yellow shape on the left",
+           "purple disc at the top", "an orange triangle", "a big white square", "black circle on the right"]
+
+
+def tiny_index(root: Path, n_images: int) -> Path:
+    """A synthetic collection indexed with a tiny untrained model: a self-contained load test
+    that measures the service (HTTP, tokenizer, text tower, FAISS, SQLite), not a real model."""
+    import torch
+    from PIL import Image, ImageDraw
+    from transformers import AutoTokenizer
+
+    from unialign.config import Config
+    from unialign.demo import make_text_model, make_vit_checkpoint
+    from unialign.model.factory import create_student, export_checkpoint
+    from unialign.search.build import build_index, entries_from_folder
+
+    vit = {"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 4}
+    text_dir = make_text_model(root / "text", QUERIES)
+    cfg = Config.model_validate({
+        "model": {"image": {"name": "vit_small_patch16_224", "pretrained": False, "layers": 2, "kwargs": vit},
+                  "text": {"name": str(text_dir), "layers": 2, "max_length": 32},
+                  "shared": {"depth": 1, "num_heads": 4}},
+        "teacher": {"name": "vit_small_patch16_224", "pretrained": False,
+                    "checkpoint": str(make_vit_checkpoint(root / "teacher.pth", vit)), "kwargs": vit},
+        "data": {"train": [{"type": "manifest", "path": "unused.jsonl"}], "image_size": 64},
+    })
+    torch.manual_seed(0)
+    ckpt = export_checkpoint(create_student(cfg, kd_dim=None), cfg, AutoTokenizer.from_pretrained(text_dir),
+                             root / "tiny.ckpt")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    for i in range(n_images):
+        image = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(0, 256, 3)))
+        x0, y0 = (int(v) for v in rng.integers(0, 32, 2))
+        ImageDraw.Draw(image).ellipse((x0, y0, x0 + 28, y0 + 28), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        image.save(root / "images" / f"{i:05d}.png")
+    build_index(ckpt, entries_from_folder(root / "images"), root / "index", device="cpu", progress=False)
+    return root / "index"
+
+
+def _run_server(index: str, port: int, checkpoint: str | None) -> None:
+    from unialign.search.app import serve
+
+    serve(index, host="127.0.0.1", port=port, checkpoint=checkpoint, device="cpu", log_level="warning")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
+    import multiprocessing
+
+    import httpx
+
+    host = machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        index = Path(args.index) if args.index else tiny_index(Path(tmp), args.images)
+        port = _free_port()
+        server = multiprocessing.get_context("spawn").Process(
+            target=_run_server, args=(str(index), port, args.checkpoint), daemon=True)
+        server.start()
+        base = f"http://127.0.0.1:{port}"
+        try:
+            health = _wait_ready(base, server)
+            latencies: list[float] = []
+            errors: list[str] = []
+            lock = threading.Lock()
+            per_client = [args.requests // args.concurrency + (i < args.requests % args.concurrency)
+                          for i in range(args.concurrency)]
+
+            def client(n: int, seed: int) -> None:
+                rng = np.random.default_rng(seed)
+                with httpx.Client(base_url=base, timeout=30) as http:
+                    for _ in range(n):
+                        params = {"q": QUERIES[rng.integers(len(QUERIES))], "k": args.k}
+                        t0 = time.perf_counter()
+                        try:
+                            r = http.get("/api/search", params=params)
+                            ok = r.status_code == 200 and len(r.json()["results"]) == min(args.k, health["items"])
+                            problem = None if ok else f"HTTP {r.status_code}: {r.text[:200]}"
+                        except httpx.HTTPError as err:
+                            problem = f"{type(err).__name__}: {err}"
+                        elapsed = time.perf_counter() - t0
+                        with lock:
+                            latencies.append(elapsed)
+                            if problem:
+                                errors.append(problem)
+
+            client(20, seed=-1 % 2**32)  # warm-up, not counted
+            latencies.clear()
+            errors.clear()
+            threads = [threading.Thread(target=client, args=(n, i)) for i, n in enumerate(per_client)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+        finally:
+            server.terminate()
+            server.join(10)
+    return {
+        "section": "serve-load",
+        "machine": host,
+        "index": str(args.index or f"synthetic: {args.images} images, tiny untrained model"),
+        "index_items": health["items"], "image_index": health["image_index"], "dim": health["dim"],
+        "endpoint": "GET /api/search", "k": args.k,
+        "requests": len(latencies), "concurrency": args.concurrency,
+        "wall_s": round(wall, 2), "requests_per_s": round(len(latencies) / wall, 1),
+        "latency": percentiles(latencies), "errors": len(errors), "error_samples": errors[:5],
+    }
+
+
+def _wait_ready(base: str, server: Any, timeout: float = 120) -> dict[str, Any]:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.is_alive():
+            raise SystemExit(f"server exited with code {server.exitcode} before it was ready")
+        try:
+            return httpx.get(f"{base}/api/health", timeout=2).json()
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit(f"server at {base} not ready after {timeout:.0f}s")
+
+
+def print_serve(r: dict[str, Any]) -> None:
+    m = r["machine"]
+    print(f"device: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'} (load average {m['loadavg_1m']} "
+          f"at start)")
+    print(f"index: {r['index']} ({r['index_items']} items, {r['image_index']}, dim {r['dim']})")
+    print(f"{r['requests']} x {r['endpoint']} k={r['k']} from {r['concurrency']} concurrent clients over loopback "
+          f"in {r['wall_s']} s: {r['requests_per_s']} requests/s")
+    lat = r["latency"]
+    print(f"latency: p50={lat['p50_ms']:.1f} ms p99={lat['p99_ms']:.1f} ms max={lat['max_ms']:.1f} ms; "
+          f"errors: {r['errors']}" + (f" e.g. {r['error_samples'][0]}" if r["errors"] else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000, help="database vectors")
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--index-type", default="auto", choices=["auto", "flat", "ivf", "hnsw"],
+                   help="auto = what `unialign index build` picks for N")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists scanned per query (default: library's)")
+    p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: library's)")
+    p.add_argument("--queries", type=int, default=1000, help="queries for latency and recall")
+    p.add_argument("--exact-queries", type=int, default=100, help="queries timed on the exact index")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--data", choices=["clustered", "uniform"], default="clustered")
+    p.add_argument("--clusters", type=int, default=10_000, help="topics for --data clustered")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="also write results as JSON ('-' for stdout only)")
+    load = p.add_argument_group("service load test (--serve-load)")
+    load.add_argument("--serve-load", action="store_true", help="load-test `unialign serve` instead of FAISS")
+    load.add_argument("--index", help="index to serve (default: a synthetic one with a tiny model)")
+    load.add_argument("--checkpoint", help="model of --index, if it moved since the build")
+    load.add_argument("--images", type=int, default=500, help="images in the synthetic index")
+    load.add_argument("--requests", type=int, default=2000)
+    load.add_argument("--concurrency", type=int, default=4, help="concurrent clients (threads)")
+    args = p.parse_args(argv)
+    if args.serve_load:
+        result = bench_serve(args)
+        emit(result, args.json, print_serve)
+        if result["errors"]:
+            raise SystemExit(f"{result['errors']} request(s) failed")
+    else:
+        emit(bench_ann(args), args.json, print_ann)
+
+
+def emit(result: dict[str, Any], json_path: str | None, printer: Any) -> None:
+    if json_path == "-":
+        print(json.dumps(result, indent=2))
+        return
+    printer(result)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

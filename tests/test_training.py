@@ -1,0 +1,205 @@
+"""End-to-end training on generated data: learning, teacher frozen, resume, bad data, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from conftest import tiny_config_dict
+from unialign.config import parse_config
+from unialign.data.synthetic import make_synthetic_karpathy
+from unialign.training.module import NO_DECAY_NAMES, BadDataError
+from unialign.training.trainer import CHECKPOINT_DIR, FINAL, LAST, train
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    make_synthetic_karpathy(root, n_images=160, captions_per_image=2, image_size=32, seed=0,
+                            split_counts={"train": 128, "val": 16, "test": 16})
+    return root
+
+
+def _config(world: Path, text_model_dir: Path, teacher_checkpoint: Path, splits=("train",), **train):
+    src = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world),
+           "splits": list(splits)}
+    return tiny_config_dict(text_model_dir, teacher_checkpoint, [src], **train)
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+        self.itc: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        self.itc[trainer.global_step] = float(trainer.callback_metrics["train/itc"])
+
+
+class Crash(Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def test_training_learns_and_keeps_teacher_frozen(world, text_model_dir, teacher_checkpoint, tmp_path):
+    raw = _config(world, text_model_dir, teacher_checkpoint, epochs=6, base_lr=3e-3, scale_lr=False,
+                  warmup_fraction=0.05)
+    # Retrieval over the 128 training images: chance is R@1 0.8%, R@5 3.9%, R@10 7.8% (mean ~4.2%).
+    raw["data"]["val"] = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world)}
+    raw["data"]["val_split"] = "train"
+    cfg = parse_config(raw)
+    recorder = LossRecorder()
+    before = torch.load(teacher_checkpoint)
+    summary = train(cfg, tmp_path / "run", callbacks=[recorder])
+    steps = sorted(recorder.losses)
+    assert len(steps) == 6 * (256 // 8)
+    # The contrastive loss falls (the KD loss first rises as the memory bank fills with negatives).
+    first = sum(recorder.itc[s] for s in steps[:8]) / 8
+    last = sum(recorder.itc[s] for s in steps[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+    assert summary["metrics"]["val/r_mean"] > 8.0, summary["metrics"]
+    ckpt = torch.load(tmp_path / "run" / CHECKPOINT_DIR / LAST, weights_only=False)
+    assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    assert not any("teacher" in str(group) for group in ckpt["optimizer_states"][0]["param_groups"][0])
+    # The teacher used in training equals the checkpoint file, untouched.
+    from unialign.training.module import SMKETraining
+
+    module = SMKETraining(cfg.model_dump(mode="json"))
+    module.load_state_dict(ckpt["state_dict"], strict=False)
+    teacher_state = module.teacher.backbone.model.state_dict()
+    for name, value in before.items():
+        if name in teacher_state:
+            assert torch.equal(teacher_state[name], value), name
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_resume_matches_uninterrupted_run(world, text_model_dir, teacher_checkpoint, tmp_path):
+    cfg = parse_config(_config(world, text_model_dir, teacher_checkpoint, epochs=2, checkpoint_every_steps=5))
+    full = LossRecorder()
+    train(cfg, tmp_path / "full", callbacks=[full])
+
+    crashed = LossRecorder()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, tmp_path / "resumed", callbacks=[crashed, Crash(at_step=43)])  # mid-way through epoch 2
+    resumed = LossRecorder()
+    train(cfg, tmp_path / "resumed", resume=True, callbacks=[resumed])
+    assert min(resumed.losses) == 41  # restarted right after the step-40 checkpoint
+    assert sorted(full.losses) == sorted({**crashed.losses, **resumed.losses})
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), step
+    a = torch.load(tmp_path / "full" / CHECKPOINT_DIR / FINAL, weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "resumed" / CHECKPOINT_DIR / FINAL, weights_only=False)["state_dict"]
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_output_dir_with_a_run_needs_resume(world, text_model_dir, teacher_checkpoint, tmp_path):
+    cfg = parse_config(_config(world, text_model_dir, teacher_checkpoint, max_steps=2))
+    with pytest.raises(FileNotFoundError, match="--resume given but"):
+        train(cfg, tmp_path / "run", resume=True)
+    train(cfg, tmp_path / "run")
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(cfg, tmp_path / "run")
+
+
+def _corrupt(world: Path, tmp_path: Path, n_bad: int) -> Path:
+    """A copy of the world with `n_bad` train images replaced by garbage bytes."""
+    import shutil
+
+    copy = tmp_path / "corrupt_world"
+    shutil.copytree(world, copy)
+    data = json.loads((copy / "dataset_synthetic.json").read_text())
+    train_entries = [e for e in data["images"] if e["split"] == "train"]
+    for entry in train_entries[:n_bad]:
+        (copy / entry["filepath"] / entry["filename"]).write_bytes(b"not a png at all")
+    return copy
+
+
+def test_corrupt_images_are_skipped_and_counted(world, text_model_dir, teacher_checkpoint, tmp_path):
+    copy = _corrupt(world, tmp_path, n_bad=2)
+    raw = _config(copy, text_model_dir, teacher_checkpoint)
+    raw["data"]["max_bad_fraction"] = 0.05
+    summary = train(parse_config(raw), tmp_path / "run")
+    assert summary["samples_bad"] == 4  # 2 images x 2 captions each
+    assert summary["samples_seen"] == 256
+    listed = (tmp_path / "run" / "bad_samples.rank0.tsv").read_text().splitlines()
+    assert len(listed) == 4 and all("000000.png" in line or "000001.png" in line for line in listed)
+
+
+def test_too_much_bad_data_stops_with_a_clear_error(world, text_model_dir, teacher_checkpoint, tmp_path):
+    copy = _corrupt(world, tmp_path, n_bad=40)
+    raw = _config(copy, text_model_dir, teacher_checkpoint)
+    raw["data"]["max_bad_fraction"] = 0.05
+    with pytest.raises(BadDataError, match=r"training samples were unreadable .* data.max_bad_fraction=0.05"):
+        train(parse_config(raw), tmp_path / "run")
+
+
+def test_optimizer_groups_and_lr_scaling(world, text_model_dir, teacher_checkpoint, tmp_path):
+    cfg = parse_config(_config(world, text_model_dir, teacher_checkpoint, max_steps=1, base_lr=1e-4,
+                               batch_size=8, accumulate_grad_batches=2, warmup_fraction=0.5))
+    from unialign.training.module import SMKETraining
+
+    captured = {}
+
+    class Grab(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            captured["opt"] = trainer.optimizers[0]
+            captured["names"] = {id(p): n for n, p in pl_module.named_parameters()}
+
+    train(cfg, tmp_path / "run", callbacks=[Grab()])
+    decay, no_decay = captured["opt"].param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert decay["initial_lr"] == pytest.approx(1e-4 * 16 / 256)
+    names = captured["names"]
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "model.logit_scale" in no_decay_names
+    assert any(n.endswith("word_embeddings.weight") for n in no_decay_names)
+    assert any(n.endswith("pos_embed") for n in no_decay_names)
+    for p in decay["params"]:
+        assert p.ndim >= 2 and not any(k in names[id(p)] for k in NO_DECAY_NAMES)
+    assert not any("teacher" in names.get(id(p), "teacher") for g in (decay, no_decay) for p in g["params"])
+    assert isinstance(SMKETraining, type)
+
+
+def test_cli_train_eval_embed(world, text_model_dir, teacher_checkpoint, tmp_path, capsys):
+    import yaml
+
+    from unialign.cli import main
+
+    raw = _config(world, text_model_dir, teacher_checkpoint)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    main(["train", "--config", str(config), "--set", "train.max_steps=3", "--output", str(tmp_path / "run")])
+    ckpt = tmp_path / "run" / CHECKPOINT_DIR / FINAL
+    out = tmp_path / "eval.json"
+    main(["eval", "retrieval", "--checkpoint", str(ckpt), "--karpathy", str(world / "dataset_synthetic.json"),
+          "--images", str(world), "--split", "test", "--output", str(out)])
+    result = json.loads(out.read_text())
+    for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"):
+        assert 0.0 <= result[key] <= 100.0
+    assert result["n_images"] == 16 and result["n_captions"] == 32
+    assert result["r_mean"] == pytest.approx(sum(result[k] for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1",
+                                                                      "img_r5", "img_r10")) / 6)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a red circle\n\na blue square\n")
+    main(["embed", "--checkpoint", str(ckpt), "--texts", str(texts), "--output", str(tmp_path / "t.npy")])
+    import numpy as np
+
+    emb = np.load(tmp_path / "t.npy")
+    assert emb.shape == (2, 64) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    main(["embed", "--checkpoint", str(ckpt), "--images", str(world / "images"), "--output",
+          str(tmp_path / "i.npy")])
+    assert np.load(tmp_path / "i.npy").shape == (160, 64)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", str(config), "--set", "train.batch_sise=3", "--output", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert "train.batch_sise: Extra inputs are not permitted" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # rejected before any work
