@@ -62,10 +62,11 @@ def demo_config(root: Path, karpathy: Path, text_dir: Path, teacher_ckpt: Path, 
                     "checkpoint": str(teacher_ckpt), "kwargs": TINY_VIT},
         "loss": {"bank_size": 512},
         "data": {
-            "train": [{"type": "karpathy", "path": str(karpathy), "images": str(root / "images"),
+            "train": [{"type": "karpathy", "path": str(karpathy), "images": str(root),
                        "splits": ["train"]}],
-            "val": {"type": "karpathy", "path": str(karpathy), "images": str(root / "images")},
+            "val": {"type": "karpathy", "path": str(karpathy), "images": str(root)},
             "image_size": 64,
+            "hflip": False,  # captions say "left" and "right"
             "num_workers": 0,
         },
         "train": {
@@ -88,14 +89,14 @@ def run_demo(output: Path, quick: bool = False) -> dict[str, Any]:
     n_images = 200 if quick else 600
     karpathy = make_synthetic_karpathy(assets, n_images=n_images, captions_per_image=2, image_size=64, seed=0,
                                        split_counts={"train": n_images - 100, "val": 50, "test": 50})
-    captions = [r.caption for r in read_karpathy(karpathy, assets / "images", ["train", "val", "test"]).records]
+    captions = [r.caption for r in read_karpathy(karpathy, assets, ["train", "val", "test"]).records]
     text_dir = make_text_model(assets / "text_model", captions)
     teacher_ckpt = make_vit_checkpoint(assets / "teacher.pth", TINY_VIT)
     cfg = parse_config(demo_config(assets, karpathy, text_dir, teacher_ckpt, quick), source="demo")
     run_dir = output / "run"
     save_config(cfg, output / "demo_config.yaml")
     train(cfg, run_dir, resume=(run_dir / CHECKPOINT_DIR / "last.ckpt").is_file())
-    result = evaluate_retrieval(run_dir / CHECKPOINT_DIR / FINAL, karpathy, assets / "images", "test")
+    result = evaluate_retrieval(run_dir / CHECKPOINT_DIR / FINAL, karpathy, assets, "test")
     write_json(result, output / "retrieval_test.json")
     keys = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
     print("\nRetrieval on the held-out test split (%d images, %d captions):" % (result["n_images"],

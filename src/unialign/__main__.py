@@ -1,0 +1,5 @@
+"""`python -m unialign` runs the command line (used by torchrun launches)."""
+
+from .cli import main
+
+main()
