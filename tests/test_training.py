@@ -203,3 +203,25 @@ def test_cli_train_eval_embed(world, text_model_dir, teacher_checkpoint, tmp_pat
     assert exc.value.code == 2
     assert "train.batch_sise: Extra inputs are not permitted" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # rejected before any work
+
+
+def test_init_checkpoint_starts_fine_tuning_from_trained_weights(world, text_model_dir, teacher_checkpoint,
+                                                                 tmp_path):
+    from unialign.model.factory import read_checkpoint, student_state_dict
+    from unialign.training.module import SMKETraining
+
+    train(parse_config(_config(world, text_model_dir, teacher_checkpoint, max_steps=2)), tmp_path / "pre")
+    final = tmp_path / "pre" / CHECKPOINT_DIR / FINAL
+    raw = _config(world, text_model_dir, teacher_checkpoint)
+    raw["model"]["init_checkpoint"] = str(final)
+    raw["loss"].update(kd="none", itc_interm=False)
+    raw["teacher"]["enabled"] = False
+    module = SMKETraining(parse_config(raw).model_dump(mode="json"))
+    trained = student_state_dict(read_checkpoint(final))
+    state = module.model.state_dict()
+    assert "logit_scale_interm" in trained and "logit_scale_interm" not in state  # optional part dropped
+    for name, value in state.items():
+        assert torch.equal(value, trained[name]), name
+    raw["model"]["shared"]["depth"] = 2  # a different architecture is refused, naming the file
+    with pytest.raises(ValueError, match=r"init_checkpoint .*final\.ckpt does not match"):
+        SMKETraining(parse_config(raw).model_dump(mode="json"))

@@ -70,6 +70,7 @@ class ModelConfig(_Strict):
     image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = Field(default_factory=TextTowerConfig)
     shared: SharedConfig = Field(default_factory=SharedConfig)
+    init_checkpoint: Path | None = None  # start from a trained unialign checkpoint (fine-tuning)
 
 
 class TeacherConfig(_Strict):
@@ -258,6 +259,7 @@ def _check_paths(cfg: Config, base: Path) -> None:
 
     for tower, key in ((cfg.model.image, "model.image"), (cfg.teacher, "teacher")):
         tower.checkpoint = resolve(tower.checkpoint, f"{key}.checkpoint")
+    cfg.model.init_checkpoint = resolve(cfg.model.init_checkpoint, "model.init_checkpoint")
     sources = [(f"data.train.{i}", s) for i, s in enumerate(cfg.data.train)]
     if cfg.data.val is not None:
         sources.append(("data.val", cfg.data.val))

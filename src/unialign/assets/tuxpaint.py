@@ -6,8 +6,8 @@ half are cut-out photos on transparent backgrounds: :func:`unialign.data.images.
 composites them onto white. Images are referenced in place (the Karpathy JSON stores
 paths relative to the stamps folder), so nothing is copied.
 
-What is skipped, and why: ``NAME_mirror.png`` (a flipped variant of a stamp already
-included), stamps without a ``.txt`` or with an empty first line (no caption), and
+What is skipped, and why: ``NAME_mirror.png`` (the image shown when a stamp already
+included is mirrored), stamps without a ``.txt`` or with an empty first line (no caption), and
 SVG-only stamps (not raster images).
 """
 

@@ -100,6 +100,12 @@ def export_checkpoint(model: SMKE, cfg: Config, tokenizer: PreTrainedTokenizerBa
     return path
 
 
+def student_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The trainable model's weights from a checkpoint (the training module stores them under `model.`)."""
+    prefix = "model."
+    return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+
+
 def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[SMKE, Callable, TextTokenizer]:
     """Load a trained model for inference: ``model, preprocess, tokenizer = unialign.load(ckpt)``.
 
@@ -109,8 +115,6 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[SM
     cfg = Config.model_validate(ckpt["hyper_parameters"]["config"])
     meta = ckpt["unialign"]
     model = create_student(cfg, meta["kd_dim"], tower_meta=meta)
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
+    model.load_state_dict(student_state_dict(ckpt))
     tokenizer = TextTokenizer(tokenizer_from_files(meta["tokenizer_files"]), cfg.model.text.max_length)
     return model.to(device).eval(), eval_transform(cfg), tokenizer

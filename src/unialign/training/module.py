@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 from ..config import Config
 from ..evaluation import retrieval_metrics
 from ..losses import ContrastiveDistillationLoss, ContrastiveLoss, MSEDistillationLoss
-from ..model.factory import create_student, tower_meta
+from ..model.factory import create_student, read_checkpoint, student_state_dict, tower_meta
 from ..model.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class SMKETraining(L.LightningModule):
         kd_dim = self.teacher.width if self.teacher is not None else None
         self.kd_dim = kd_dim
         self.model = create_student(self.cfg, kd_dim)
+        if self.cfg.model.init_checkpoint is not None:
+            self._init_from(self.cfg.model.init_checkpoint)
         self.itc = ContrastiveLoss()
         loss = self.cfg.loss
         self.kd: torch.nn.Module | None = None
@@ -57,6 +59,23 @@ class SMKETraining(L.LightningModule):
         self._last_step_time: float | None = None
         self._pairs_per_sec: float | None = None
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def _init_from(self, path: Path) -> None:
+        """Start from a trained model (e.g. retrieval fine-tuning).
+
+        The optional parts (KD head, second logit scale) are taken only where the new
+        configuration has them with the same shape; every other weight must match.
+        """
+        own = self.model.state_dict()
+        optional = ("kd_head.", "logit_scale_interm")
+        state = {k: v for k, v in student_state_dict(read_checkpoint(path)).items()
+                 if not k.startswith(optional) or (k in own and own[k].shape == v.shape)}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        wrong = [k for k in missing if not k.startswith(optional)]
+        if wrong or unexpected:
+            raise ValueError(f"model.init_checkpoint {path} does not match the configured model: "
+                             f"missing {wrong[:5]}, unexpected {unexpected[:5]}")
+        log.info("initialised the model from %s", path)
 
     # ----------------------------------------------------------------------------- training
 
