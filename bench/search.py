@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +114,14 @@ def bench_ann(args: argparse.Namespace) -> dict[str, Any]:
     _, truth = exact.search(queries, args.k)
     log(f"exact ground truth for {args.queries} queries in {time.perf_counter() - t0:.1f}s")
 
-    warm = min(20, len(queries))
-    single_query_latency(index, queries[:warm], args.k)
-    approx_times = single_query_latency(index, queries, args.k)
-    _, found = index.search(queries, args.k)
-    recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
+    single_query_latency(index, queries[:20], args.k)  # warm-up
+    latency, recall = measure(index, queries, truth, args.k)
+    sweep = []
+    knob = "nprobe" if params.kind == "ivf" else "ef_search"
+    for value in args.sweep if params.kind != "flat" else []:
+        ann.configure(index, replace(params, **{knob: value}))
+        lat, rec = measure(index, queries, truth, args.k)
+        sweep.append({knob: value, "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], f"recall@{args.k}": rec})
     exact_queries = queries[:args.exact_queries]
     exact_times = single_query_latency(exact, exact_queries, args.k)
     return {
@@ -130,10 +134,19 @@ def bench_ann(args: argparse.Namespace) -> dict[str, Any]:
         "k": args.k, "queries": args.queries,
         "index": params.describe(), "params": params.as_dict(),
         "build_s": round(build_s, 2),
-        "latency": percentiles(approx_times),
-        f"recall@{args.k}": round(recall, 4),
+        "latency": latency,
+        f"recall@{args.k}": recall,
+        "sweep": sweep,
         "exact_latency": percentiles(exact_times), "exact_queries": len(exact_queries),
     }
+
+
+def measure(index: Any, queries: np.ndarray, truth: np.ndarray, k: int) -> tuple[dict[str, float], float]:
+    """Single-query latency percentiles and recall@k against the exact neighbours ``truth``."""
+    times = single_query_latency(index, queries, k)
+    _, found = index.search(queries, k)
+    recall = float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)]))
+    return percentiles(times), round(recall, 4)
 
 
 def log(message: str) -> None:
@@ -152,6 +165,10 @@ def print_ann(r: dict[str, Any]) -> None:
           f"mean={lat['mean_ms']:.2f} ms")
     recall_key = f"recall@{r['k']}"
     print(f"{recall_key} vs IndexFlatIP: {r[recall_key]:.4f}")
+    for row in r["sweep"]:
+        knob, value = next(iter(row.items()))
+        print(f"  {knob}={value}: p50={row['p50_ms']:.2f} ms p99={row['p99_ms']:.2f} ms "
+              f"{recall_key}={row[recall_key]:.4f}")
     print(f"exact (IndexFlatIP) single-query latency over {r['exact_queries']} queries: "
           f"p50={ex['p50_ms']:.2f} ms p99={ex['p99_ms']:.2f} ms")
 
@@ -308,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="auto = what `unialign index build` picks for N")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists scanned per query (default: library's)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: library's)")
+    p.add_argument("--sweep", type=lambda s: [int(v) for v in s.split(",")], default=[],
+                   help="also measure these nprobe (IVF) / efSearch (HNSW) values on the same index, e.g. 16,64,256")
     p.add_argument("--queries", type=int, default=1000, help="queries for latency and recall")
     p.add_argument("--exact-queries", type=int, default=100, help="queries timed on the exact index")
     p.add_argument("--k", type=int, default=10)

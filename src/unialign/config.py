@@ -84,6 +84,10 @@ class TeacherConfig(_Strict):
     block: int = -1  # which block's CLS is the target (-1: last)
     after_norm: bool = False  # paper: before the final LayerNorm
     view: Literal["same", "separate"] = "same"  # same pixels as the student, or its own augmentation
+    # Precomputed targets (`unialign teacher-cache`): looked up by image id instead of running the
+    # teacher. They are of the un-augmented (eval-resized) image, so they equal online targets only
+    # when the teacher's view is un-augmented; otherwise an approximation (docs/PERFORMANCE.md).
+    cache: Path | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -172,6 +176,7 @@ class TrainConfig(_Strict):
     log_every_steps: int = Field(50, ge=1)
     loggers: list[Literal["csv", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["csv"])
     progress_bar: bool = True
+    compile: bool = False  # torch.compile the towers and shared block(s) (nn.Module.compile: same state_dict keys)
 
 
 class Config(_Strict):
@@ -188,6 +193,8 @@ class Config(_Strict):
             raise ValueError("loss.itc_interm needs model.shared.depth >= 1 (x_interm comes from the shared block)")
         if self.loss.kd != "none" and not self.teacher.enabled:
             raise ValueError(f"loss.kd is {self.loss.kd!r} but teacher.enabled is false; set loss.kd=none")
+        if self.teacher.cache is not None and (not self.teacher.enabled or self.loss.kd == "none"):
+            raise ValueError("teacher.cache is set but no distillation runs (teacher.enabled false or loss.kd none)")
         return self
 
 
@@ -259,6 +266,7 @@ def _check_paths(cfg: Config, base: Path) -> None:
 
     for tower, key in ((cfg.model.image, "model.image"), (cfg.teacher, "teacher")):
         tower.checkpoint = resolve(tower.checkpoint, f"{key}.checkpoint")
+    cfg.teacher.cache = resolve(cfg.teacher.cache, "teacher.cache")
     cfg.model.init_checkpoint = resolve(cfg.model.init_checkpoint, "model.init_checkpoint")
     sources = [(f"data.train.{i}", s) for i, s in enumerate(cfg.data.train)]
     if cfg.data.val is not None:

@@ -1,48 +1,95 @@
-"""`unialign eval retrieval`: the Karpathy test protocol on a trained checkpoint."""
+"""`unialign eval retrieval`: the Karpathy test protocol (or a manifest split) on any `EvalModel`."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..data.records import read_karpathy_eval
-from ..model.factory import load
-from .encode import encode_images, encode_texts
+from ..data.records import RetrievalSet, read_karpathy_eval, read_manifest, retrieval_set
 from .retrieval import retrieval_metrics
+
+if TYPE_CHECKING:
+    from .models import EvalModel
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def evaluate_retrieval(checkpoint: str | Path, karpathy: str | Path, images: str | Path, split: str = "test",
-                       batch_size: int = 64, num_workers: int = 0, device: str | None = None,
-                       progress: bool = True) -> dict[str, Any]:
-    """Recall@K both ways; unreadable images are dropped with their captions and counted."""
-    device = device or default_device()
-    model, preprocess, tokenizer = load(checkpoint, device=device)
-    data = read_karpathy_eval(karpathy, images, split)
-    image_emb, kept, skipped = encode_images(model, preprocess, data.images, batch_size, num_workers, device,
-                                             progress)
+def result_header(task: str, model: str, dataset: str) -> dict[str, str]:
+    """Fields every result JSON starts with, so `unialign report` can place it (row: model, column: dataset)."""
+    return {"task": task, "model": model, "dataset": dataset}
+
+
+def retrieval_dataset_name(path: str | Path) -> str:
+    """`dataset_coco.json` -> `coco`, `dataset_flickr30k.json` -> `flickr30k`, else the file's stem."""
+    stem = Path(path).stem
+    return re.sub(r"^dataset_", "", stem)
+
+
+def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, where: str, batch_size: int = 64,
+                           num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Recall@K both ways for one gallery (`where` names it in errors); unreadable images are dropped
+    with their captions and counted."""
+    image_emb, kept, skipped = model.encode_images(data.images, batch_size, num_workers, progress)
     if not kept:
-        raise ValueError(f"no readable image in split {split!r} of {karpathy}")
+        raise ValueError(f"no readable image in {where}")
     new_index = {old: new for new, old in enumerate(kept)}
     captions = [(c, new_index[i]) for c, i in zip(data.captions, data.caption_to_image) if i in new_index]
-    text_emb = encode_texts(model, tokenizer, [c for c, _ in captions], device=device, progress=progress)
+    text_emb = model.encode_texts([c for c, _ in captions], progress=progress)
     caption_to_image = torch.tensor([i for _, i in captions], dtype=torch.long)
     metrics = retrieval_metrics(image_emb, text_emb, caption_to_image)
     return {
+        **result_header("retrieval", model.name, dataset),
         **metrics,
-        "split": split,
         "n_images": len(kept),
         "n_captions": len(captions),
         "images_skipped": len(skipped),
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
-        "checkpoint": str(checkpoint),
     }
+
+
+def evaluate_retrieval(checkpoint: str | Path, karpathy: str | Path, images: str | Path, split: str = "test",
+                       batch_size: int = 64, num_workers: int = 0, device: str | None = None,
+                       progress: bool = True) -> dict[str, Any]:
+    """Recall@K both ways; unreadable images are dropped with their captions and counted."""
+    from .models import UnialignEvalModel
+
+    model = UnialignEvalModel(checkpoint, torch.device(device or default_device()))
+    data = read_karpathy_eval(karpathy, images, split)
+    result = evaluate_retrieval_set(model, data, retrieval_dataset_name(karpathy), f"split {split!r} of {karpathy}",
+                                    batch_size, num_workers, progress)
+    return {**result, "split": split, "checkpoint": str(checkpoint)}
+
+
+def evaluate_retrieval_model(model: EvalModel, karpathy: str | Path | None = None,
+                             manifest: str | Path | None = None, images: str | Path | None = None,
+                             split: str = "test", dataset_name: str | None = None, batch_size: int = 64,
+                             num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Retrieval on a Karpathy split or on a whole JSONL/CSV manifest (captions grouped by `image_id`).
+
+    A manifest row without `image_id` is grouped by its image path, so several captions of
+    one file form one gallery image.
+    """
+    if (karpathy is None) == (manifest is None):
+        raise ValueError("give exactly one of karpathy (with images) or manifest")
+    if karpathy is not None:
+        if images is None:
+            raise ValueError(f"--images (the root of {karpathy}'s filepath/filename) is required with --karpathy")
+        data = read_karpathy_eval(karpathy, images, split)
+        source, used_split, where = karpathy, split, f"split {split!r} of {karpathy}"
+    else:
+        assert manifest is not None
+        rs = read_manifest(manifest, images)
+        data, source, used_split = retrieval_set(rs.records, rs.skipped_empty), manifest, None
+        where = str(manifest)
+    result = evaluate_retrieval_set(model, data, dataset_name or retrieval_dataset_name(source), where, batch_size,
+                                    num_workers, progress)
+    return {**result, "split": used_split, "source": str(source)}
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:

@@ -30,9 +30,26 @@ class MemoryBank(nn.Module):
         self.register_buffer("image_ids", torch.full((size,), -1, dtype=torch.int64))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        # Host copies of (count, ptr), so the training step never reads a device scalar (a
+        # host sync). The buffers stay the checkpointed truth: loading a state dict drops the
+        # copies and the next use reads the buffers once.
+        self._host: tuple[int, int] | None = (0, 0)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host = None
+
+    def resync(self) -> None:
+        """Re-read ``count``/``ptr`` from the buffers after writing them directly."""
+        self._host = None
+
+    def _count_ptr(self) -> tuple[int, int]:
+        if self._host is None:
+            self._host = (int(self.count.item()), int(self.ptr.item()))
+        return self._host
 
     def __len__(self) -> int:
-        return int(self.count.item())
+        return self._count_ptr()[0]
 
     def valid(self) -> tuple[Tensor, Tensor]:
         """Return ``(targets, image_ids)`` of the valid entries, oldest first.
@@ -41,10 +58,9 @@ class MemoryBank(nn.Module):
         yet full, or write pointer at slot 0), so the result may alias the
         buffers: treat it as read-only and consume it before the next enqueue.
         """
-        count = int(self.count.item())
+        count, ptr = self._count_ptr()
         if count < self.size:
             return self.targets[:count], self.image_ids[:count]
-        ptr = int(self.ptr.item())
         if ptr == 0:
             return self.targets, self.image_ids
         order = torch.arange(ptr, ptr + self.size, device=self.targets.device) % self.size
@@ -61,6 +77,8 @@ class MemoryBank(nn.Module):
         n = targets.shape[0]
         if self.size == 0 or n == 0:
             return
+        count, ptr = self._count_ptr()
+        self._host = (min(count + n, self.size), (ptr + n) % self.size)
         kept = min(n, self.size)
         offsets = torch.arange(n - kept, n, device=self.ptr.device)
         slots = (self.ptr + offsets) % self.size

@@ -40,12 +40,33 @@ class SMKETraining(L.LightningModule):
         self.output_dir = Path(output_dir) if output_dir else None
         # The teacher is frozen and rebuilt from the config, so it stays out of checkpoints.
         self.strict_loading = False
-        self.teacher = Teacher(self.cfg.teacher) if self.cfg.teacher.enabled else None
-        kd_dim = self.teacher.width if self.teacher is not None else None
+        # With teacher.cache the targets are read from disk (looked up per batch in
+        # on_before_batch_transfer) and the teacher is never built.
+        self.teacher_cache = None
+        self.teacher: Teacher | None = None
+        if self.cfg.teacher.enabled and self.cfg.teacher.cache is not None:
+            from .teacher_cache import TeacherCache
+
+            self.teacher_cache = TeacherCache.open(self.cfg.teacher.cache, self.cfg)
+            kd_dim = self.teacher_cache.dim
+        elif self.cfg.teacher.enabled:
+            # Own RNG stream: the student's initialisation (and dropout) must not depend on
+            # whether the teacher is built here or its targets come from a cache.
+            with torch.random.fork_rng(devices=[]):
+                self.teacher = Teacher(self.cfg.teacher)
+            kd_dim = self.teacher.width
+        else:
+            kd_dim = None
         self.kd_dim = kd_dim
         self.model = create_student(self.cfg, kd_dim)
         if self.cfg.model.init_checkpoint is not None:
             self._init_from(self.cfg.model.init_checkpoint)
+        if self.cfg.train.compile:
+            # In place (nn.Module.compile): parameter names and checkpoints stay the same.
+            for part in (self.model.image_tower, self.model.text_tower, *self.model.shared):
+                part.compile()
+            if self.teacher is not None:
+                self.teacher.backbone.compile()
         self.itc = ContrastiveLoss()
         loss = self.cfg.loss
         self.kd: torch.nn.Module | None = None
@@ -89,12 +110,38 @@ class SMKETraining(L.LightningModule):
             out["itc_interm"] = self.itc(img.interm, txt.interm, scale_interm, image_ids)
             itc = (itc + out["itc_interm"]) / 2
         loss = self.cfg.loss.itc_weight * itc
-        if self.kd is not None and self.teacher is not None:
-            targets = self.teacher(batch.get("teacher_image", batch["image"]))
+        if self.kd is not None:
+            targets = batch.get("teacher_target")  # from the teacher cache, set before the device transfer
+            if targets is None:
+                if self.teacher is None:
+                    raise RuntimeError("teacher.cache is set but the batch has no teacher_target "
+                                       "(the cache lookup runs in on_before_batch_transfer)")
+                targets = self.teacher(batch.get("teacher_image", batch["image"]))
             out["kd"] = self.kd(img.kd.float(), txt.kd.float(), targets, image_ids)
             loss = loss + self.cfg.loss.kd_weight * out["kd"]
         out["loss"] = loss
         return out
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With a teacher cache: look the batch's targets up on the host, so they travel to the
+        device with the batch (no teacher, no device sync; an unknown image id is an error)."""
+        if (self.teacher_cache is not None and self._trainer is not None and self.trainer.training
+                and isinstance(batch, dict) and "image_id" in batch):
+            target = self.teacher_cache.lookup(batch["image_id"])
+            batch["teacher_target"] = target.pin_memory() if self.device.type == "cuda" else target
+        return batch
+
+    def on_train_start(self) -> None:
+        if self.teacher_cache is None:
+            return
+        if not (self.cfg.data.train_scale == (1.0, 1.0) and not self.cfg.data.hflip):
+            log.warning("teacher.cache holds targets of the un-augmented image while the student is trained on "
+                        "augmented views (data.train_scale=%s, data.hflip=%s): the cached targets approximate "
+                        "the online ones", list(self.cfg.data.train_scale), self.cfg.data.hflip)
+        # Map-style sources are checked up front; shard sources per batch.
+        for source in getattr(self.trainer.datamodule, "train_sources", None) or []:
+            if hasattr(source, "records"):
+                self.teacher_cache.check_records(source.records, source.source)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self._account_bad_samples(batch)
@@ -116,7 +163,9 @@ class SMKETraining(L.LightningModule):
             with open(self.output_dir / f"bad_samples.rank{self.global_rank}.tsv", "a") as f:
                 for path, reason in batch.get("skipped", []):
                     f.write(f"{path}\t{reason}\n")
-        self.log("data/bad_samples", float(self.samples_bad), on_step=True, on_epoch=False, reduce_fx="sum")
+        # A CPU tensor: a Python number would be copied to the device by self.log, a host sync per step.
+        self.log("data/bad_samples", torch.tensor(float(self.samples_bad)), on_step=True, on_epoch=False,
+                 reduce_fx="sum")
         limit = self.cfg.data.max_bad_fraction
         min_seen = self.cfg.train.batch_size
         if self.samples_seen >= min_seen and self.samples_bad > limit * self.samples_seen:
@@ -131,8 +180,8 @@ class SMKETraining(L.LightningModule):
             world = self.trainer.world_size
             rate = batch["image"].shape[0] * world / max(now - self._last_step_time, 1e-9)
             self._pairs_per_sec = rate if self._pairs_per_sec is None else 0.9 * self._pairs_per_sec + 0.1 * rate
-            self.log("pairs_per_sec", self._pairs_per_sec, prog_bar=True, on_step=True, on_epoch=False,
-                     rank_zero_only=True)
+            self.log("pairs_per_sec", torch.tensor(self._pairs_per_sec), prog_bar=True, on_step=True,
+                     on_epoch=False, rank_zero_only=True)
         self._last_step_time = now
 
     # --------------------------------------------------------------------------- validation

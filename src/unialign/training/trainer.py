@@ -78,7 +78,8 @@ def build_trainer(cfg: Config, output: Path, callbacks: list[Callback] | None = 
                                     save_top_k=1, save_last=True)
     extra: list[Callback] = [checkpointing]
     if t.progress_bar:
-        extra.append(TQDMProgressBar(refresh_rate=1))
+        # Refreshing reads the logged device tensors (a host sync): only on logging steps, which sync anyway.
+        extra.append(TQDMProgressBar(refresh_rate=t.log_every_steps))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(cfg),
         precision=t.precision, max_epochs=t.epochs, max_steps=t.max_steps,

@@ -1,0 +1,90 @@
+"""Shared by `unialign demo` and `bench/reproduce.py`: machine description, Markdown tables, plots.
+
+Every number either tool writes is quoted with the machine it was measured on (timings on a
+shared 2-core VM mean little without the load average), and both draw the same recall chart,
+so the helpers live in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+RECALL_HEADERS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "mean")
+MATPLOTLIB_INSTALL = "pip install matplotlib"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, usable cores, GPU and the 1-minute load average at the time of the call."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": cores, "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version(), "loadavg_1m": load}
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """One line naming the machine, e.g. for a report header."""
+    device = f"GPU {info['gpu']}" if info.get("gpu") else "no GPU"
+    return (f"{info['cores']}-core CPU ({info['cpu']}), {device}, torch {info['torch']}, "
+            f"1-min load average {info['loadavg_1m']}")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; floats get one decimal (recalls are percentages)."""
+    def cell(v: Any) -> str:
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_recalls(labels: Sequence[str], means: Sequence[dict[str, float]], path: Path, title: str,
+                 stds: Sequence[dict[str, float]] | None = None) -> Path | None:
+    """Grouped bars of R@1/5/10 both ways (and their mean) per model; error bars from `stds`.
+
+    Returns None, after saying how to install it, when matplotlib is absent: the report
+    is still written, only without the picture.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed, so no plot ({path.name}); install it with: {MATPLOTLIB_INSTALL}")
+        return None
+    import numpy as np
+
+    x = np.arange(len(RECALL_KEYS))
+    width = 0.8 / max(len(labels), 1)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(RECALL_KEYS) + 0.6 * len(labels)), 4.2))
+    for i, (label, mean) in enumerate(zip(labels, means, strict=True)):
+        err = [stds[i][k] for k in RECALL_KEYS] if stds is not None else None
+        ax.bar(x + (i - (len(labels) - 1) / 2) * width, [mean[k] for k in RECALL_KEYS], width, yerr=err,
+               capsize=2 if err else 0, label=label)
+    ax.set_xticks(x, RECALL_HEADERS)
+    ax.set_ylabel("recall (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,381 @@
+"""Speed features (issue 5): cached teacher targets, torch.compile, bf16 on CPU, SDPA, no host syncs.
+
+Cached and online targets are compared where they must agree exactly: the teacher sees the
+student's pixels (``teacher.view: same``) and those pixels are the un-augmented eval view,
+because ``data.train_scale: [1, 1]`` makes RandomResizedCrop take the whole (square) image
+(with scale 1 only aspect ratio 1 fits a square, so after its 10 failed draws it falls back
+to the full image) and ``data.hflip: false`` removes the flip. Crop-then-resize of the full
+image equals the eval transform's resize, so both paths feed the teacher the same tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from conftest import TINY_VIT, tiny_config_dict
+from unialign.config import parse_config
+from unialign.data import RetrievalDataModule, make_synthetic_karpathy, read_karpathy, write_webdataset_shards
+from unialign.model.factory import create_tokenizer
+from unialign.training.module import SMKETraining
+from unialign.training.teacher_cache import TeacherCache, TeacherCacheError, build_teacher_cache
+from unialign.training.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("speed_world")
+    make_synthetic_karpathy(root, n_images=24, captions_per_image=2, image_size=32, seed=3,
+                            split_counts={"train": 16, "val": 8})
+    return root
+
+
+def _raw(world: Path, text_model_dir: Path, teacher_checkpoint: Path, splits=("train",), **train_kw) -> dict:
+    src = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world),
+           "splits": list(splits)}
+    raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [src], **train_kw)
+    raw["data"]["train_scale"] = [1.0, 1.0]  # with hflip false (conftest): the student sees the eval view
+    raw["loss"]["bank_size"] = 12  # fills and wraps within a few steps of 8 pairs
+    return raw
+
+
+def _with_cache(raw: dict, cache: Path) -> dict:
+    raw = copy.deepcopy(raw)
+    raw["teacher"]["cache"] = str(cache)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def cache_dir(world, text_model_dir, teacher_checkpoint, tmp_path_factory) -> Path:
+    cfg = parse_config(_raw(world, text_model_dir, teacher_checkpoint))
+    return build_teacher_cache(cfg, tmp_path_factory.mktemp("cache") / "c", dtype="float32", batch_size=5,
+                               num_workers=0, chunk_size=7, progress=False)
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+        self.kd: dict[int, float] = {}
+        self.module = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.module = pl_module
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        self.kd[trainer.global_step] = float(trainer.callback_metrics["train/kd"])
+
+
+def _batches(cfg, n: int) -> list[dict]:
+    dm = RetrievalDataModule(cfg.data, create_tokenizer(cfg), cfg.model.text.max_length, cfg.train.batch_size,
+                             cfg.seed)
+    it = iter(dm.train_dataloader())
+    return [next(it) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------
+# Teacher cache
+
+
+def test_cache_files_and_metadata(cache_dir, world):
+    ids = np.load(cache_dir / "image_ids.npy")
+    targets = np.load(cache_dir / "targets.npy", mmap_mode="r")
+    train_ids = {r.image_id for r in read_karpathy(world / "dataset_synthetic.json", world, ["train"]).records}
+    assert ids.dtype == np.int64 and list(ids) == sorted(train_ids)  # one row per image, sorted for searchsorted
+    assert targets.shape == (16, TINY_VIT["embed_dim"]) and targets.dtype == np.float32
+    assert np.allclose(np.linalg.norm(targets, axis=1), 1, atol=1e-5)
+    cache = TeacherCache.open(cache_dir)
+    assert cache.meta["count"] == 16 and cache.meta["identity"]["teacher.block"] == -1
+    assert len(cache.meta["identity"]["teacher.checkpoint (sha256)"]) == 64
+    assert not (cache_dir / ".parts").exists()
+
+
+def test_cached_targets_and_losses_equal_online(world, text_model_dir, teacher_checkpoint, cache_dir):
+    raw = _raw(world, text_model_dir, teacher_checkpoint)
+    cfg = parse_config(raw)
+    torch.manual_seed(0)
+    online = SMKETraining(cfg.model_dump(mode="json"))
+    torch.manual_seed(0)
+    cached = SMKETraining(parse_config(_with_cache(raw, cache_dir)).model_dump(mode="json"))
+    assert cached.teacher is None and not any(k.startswith("teacher.") for k in cached.state_dict())
+    # The teacher is built on its own RNG stream, so the student starts the same either way.
+    for (name, a), b in zip(online.model.state_dict().items(), cached.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    online.train()
+    cached.train()
+    for i, batch in enumerate(_batches(cfg, 4)):  # the bank (12) fills and wraps over these steps
+        target = cached.teacher_cache.lookup(batch["image_id"])
+        torch.testing.assert_close(target, online.teacher(batch["image"]), rtol=0, atol=1e-5)
+        torch.manual_seed(i)  # same dropout masks
+        a = online._losses(batch)
+        torch.manual_seed(i)
+        b = cached._losses({**batch, "teacher_target": target})
+        for key in ("loss", "itc", "itc_interm", "kd"):
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"step {i} {key}")
+    torch.testing.assert_close(cached.kd.bank.targets, online.kd.bank.targets, rtol=0, atol=1e-5)
+
+
+def test_training_with_cache_matches_online_run(world, text_model_dir, teacher_checkpoint, cache_dir, tmp_path):
+    raw = _raw(world, text_model_dir, teacher_checkpoint, max_steps=3)
+    online, cached = LossRecorder(), LossRecorder()
+    train(parse_config(raw), tmp_path / "online", callbacks=[online])
+    train(parse_config(_with_cache(raw, cache_dir)), tmp_path / "cached", callbacks=[cached])
+    assert cached.module.teacher is None and cached.module.teacher_cache is not None
+    assert sorted(cached.losses) == sorted(online.losses) == [1, 2, 3]
+    for step in online.losses:
+        assert cached.losses[step] == pytest.approx(online.losses[step], rel=1e-5), step
+        assert cached.kd[step] == pytest.approx(online.kd[step], rel=1e-5), step
+
+
+def test_missing_image_is_a_clear_error(world, text_model_dir, teacher_checkpoint, tmp_path):
+    # A cache of the val images only, used to train on the train split.
+    val_cfg = parse_config(_raw(world, text_model_dir, teacher_checkpoint, splits=("val",)))
+    cache = build_teacher_cache(val_cfg, tmp_path / "val_cache", num_workers=0, progress=False)
+    raw = _with_cache(_raw(world, text_model_dir, teacher_checkpoint, max_steps=1), cache)
+    train_id = read_karpathy(world / "dataset_synthetic.json", world, ["train"]).records[0].image_id
+    opened = TeacherCache.open(cache, parse_config(raw))
+    with pytest.raises(TeacherCacheError, match=rf"image id {train_id} is not in the teacher cache .*val_cache"):
+        opened.lookup(torch.tensor([train_id]))
+    with pytest.raises(TeacherCacheError, match=r"image id \d+ \(.*\.png\) of training source .* is not in the "
+                                                r"teacher cache .*16 image\(s\) of that source missing"):
+        train(parse_config(raw), tmp_path / "run")
+
+
+def test_metadata_mismatch_is_a_clear_error(world, text_model_dir, teacher_checkpoint, cache_dir, tmp_path):
+    raw = _with_cache(_raw(world, text_model_dir, teacher_checkpoint), cache_dir)
+    for key, value, message in [
+        ("teacher.block", 1, r"teacher.block: cache has -1, config gives 1"),
+        ("teacher.after_norm", True, r"teacher.after_norm: cache has False, config gives True"),
+        ("data.image_size", 48, r"data.image_size: cache has 32, config gives 48"),
+        ("data.mean", [0.5, 0.5, 0.5], r"view mean: cache has \[0.485"),
+    ]:
+        bad = copy.deepcopy(raw)
+        section, name = key.split(".")
+        bad[section][name] = value
+        with pytest.raises(TeacherCacheError, match=rf"built for another teacher or view(.|\n)*{message}"):
+            SMKETraining(parse_config(bad).model_dump(mode="json"))
+    # Other teacher weights (a different checkpoint file) are caught by its sha256.
+    other = tmp_path / "other_teacher.pth"
+    state = torch.load(teacher_checkpoint)
+    state["cls_token"] = state["cls_token"] + 1
+    torch.save(state, other)
+    bad = copy.deepcopy(raw)
+    bad["teacher"]["checkpoint"] = str(other)
+    with pytest.raises(TeacherCacheError, match=r"teacher.checkpoint \(sha256\): cache has '[0-9a-f]{64}'"):
+        SMKETraining(parse_config(bad).model_dump(mode="json"))
+    # A directory that is not a finished cache.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TeacherCacheError, match=r"is not a teacher cache: .*meta.json is missing"):
+        SMKETraining(parse_config(_with_cache(raw, tmp_path / "empty")).model_dump(mode="json"))
+
+
+def test_cache_build_resumes_and_covers_shards(world, text_model_dir, teacher_checkpoint, tmp_path):
+    records = read_karpathy(world / "dataset_synthetic.json", world, ["train"]).records
+    urls = write_webdataset_shards(records, tmp_path / "shards", pairs_per_shard=10)
+    raw = _raw(world, text_model_dir, teacher_checkpoint)
+    raw["data"]["train"].append({"type": "webdataset", "urls": urls, "size": len(records)})
+    cfg = parse_config(raw)
+    kw = dict(dtype="float16", batch_size=4, num_workers=0, chunk_size=5, progress=False)
+    # Karpathy: 16 images in 4 chunks; shards: 4 (same images again, ids from their .json).
+    build_teacher_cache(cfg, tmp_path / "resumed", max_units=3, **kw)  # "interrupted" after 3 units
+    assert len(list((tmp_path / "resumed" / ".parts").glob("*.npz"))) == 3
+    with pytest.raises(TeacherCacheError, match="unfinished build"):
+        TeacherCache.open(tmp_path / "resumed")
+    build_teacher_cache(cfg, tmp_path / "resumed", **kw)
+    build_teacher_cache(cfg, tmp_path / "oneshot", **kw)
+    a, b = TeacherCache.open(tmp_path / "resumed", cfg), TeacherCache.open(tmp_path / "oneshot", cfg)
+    assert a.meta["count"] == 16 and a.meta["duplicate_ids_dropped"] == 16
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(np.asarray(a.targets), np.asarray(b.targets))
+    assert a.targets.dtype == np.float16
+    a.check_records(records, "train")  # every image id training will ask for is there
+    # Shard samples map to the same image ids at training time.
+    shard_only = copy.deepcopy(raw)
+    shard_only["data"]["train"] = shard_only["data"]["train"][1:]
+    batch = _batches(parse_config(shard_only), 1)[0]
+    assert a.lookup(batch["image_id"]).shape == (8, TINY_VIT["embed_dim"])
+    # A finished cache is not rebuilt; a different teacher refuses to overwrite it.
+    build_teacher_cache(cfg, tmp_path / "oneshot", **kw)
+    other = copy.deepcopy(raw)
+    other["teacher"]["block"] = 1
+    with pytest.raises(TeacherCacheError, match="holds a teacher cache for another teacher"):
+        build_teacher_cache(parse_config(other), tmp_path / "oneshot", **kw)
+
+
+def test_cli_register(world, text_model_dir, teacher_checkpoint, tmp_path, capsys):
+    import argparse
+
+    import yaml
+
+    from unialign.training import teacher_cache
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_raw(world, text_model_dir, teacher_checkpoint)))
+    parser = argparse.ArgumentParser()
+    teacher_cache.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["teacher-cache", "--config", str(config), "--output", str(tmp_path / "c"),
+                              "--num-workers", "0", "--no-progress", "--set", "seed=1"])
+    args.func(args)
+    assert "16 images x 64 (float16)" in capsys.readouterr().out
+    assert (tmp_path / "c" / "meta.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile, bf16 on CPU
+
+
+def test_compiled_step_matches_eager(world, text_model_dir, teacher_checkpoint):
+    raw = _raw(world, text_model_dir, teacher_checkpoint)
+    cfg = parse_config(raw)
+    compiled_raw = copy.deepcopy(raw)
+    compiled_raw["train"]["compile"] = True
+    torch.manual_seed(0)
+    eager = SMKETraining(cfg.model_dump(mode="json"))
+    torch.manual_seed(0)
+    compiled = SMKETraining(parse_config(compiled_raw).model_dump(mode="json"))
+    # nn.Module.compile is in place: same parameter names, so checkpoints are interchangeable.
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    eager.eval()  # no dropout: the compiled graph draws its random numbers differently
+    compiled.eval()
+    batch = _batches(cfg, 1)[0]
+    start = time.perf_counter()
+    try:
+        out = compiled._losses(batch)
+        out["loss"].backward()
+    except Exception as err:  # pragma: no cover - depends on the machine's compiler toolchain
+        pytest.skip(f"torch.compile does not run here: {type(err).__name__}: {str(err)[:300]}")
+    print(f"first compiled step (compile + run) on CPU: {time.perf_counter() - start:.1f} s")
+    ref = eager._losses(batch)
+    ref["loss"].backward()
+    for key in ("loss", "itc", "itc_interm", "kd"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-5, msg=key)
+    grads = dict(eager.model.named_parameters())
+    for name, p in compiled.model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_bf16_mixed_on_cpu(world, text_model_dir, teacher_checkpoint, tmp_path):
+    recorder = LossRecorder()
+    raw = _raw(world, text_model_dir, teacher_checkpoint, max_steps=2, precision="bf16-mixed")
+    train(parse_config(raw), tmp_path / "run", callbacks=[recorder])
+    assert sorted(recorder.losses) == [1, 2]
+    assert all(np.isfinite(v) for v in [*recorder.losses.values(), *recorder.kd.values()])
+
+
+# ---------------------------------------------------------------------------------------
+# SDPA everywhere, no host synchronisation in the step
+
+
+def test_every_attention_uses_sdpa(world, text_model_dir, teacher_checkpoint, monkeypatch):
+    import torch.nn.functional as F
+
+    from unialign.config import TeacherConfig
+    from unialign.model.teacher import Teacher
+
+    cfg = parse_config(_raw(world, text_model_dir, teacher_checkpoint))
+    module = SMKETraining(cfg.model_dump(mode="json")).eval()
+    beit = Teacher(TeacherConfig(name="beitv2_base_patch16_224", pretrained=False, kwargs=TINY_VIT))
+    fused = {name: m.fused_attn for part in (module, beit) for name, m in part.named_modules()
+             if hasattr(m, "fused_attn")}
+    assert len(fused) == 2 + 1 + 4 + 4 and all(fused.values()), fused  # image, shared, teacher, beit teacher
+    assert module.model.text_tower.model.config._attn_implementation == "sdpa"
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    batch = _batches(cfg, 1)[0]
+    with torch.no_grad():
+        module._losses(batch)
+        beit(batch["image"])
+    # image tower 2 + text tower 2 + shared block twice (image, text) + teacher 4 + BEiT teacher 4
+    assert len(calls) == 2 + 2 + 2 + 4 + 4, len(calls)
+
+
+class _SyncDetector:
+    """Records Python-level reads of tensor values (what forces a host sync on a GPU)."""
+
+    METHODS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__")
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self) -> "_SyncDetector":
+        import traceback
+
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            def wrapper(t, *a, __name=name, __original=original, **k):
+                self.calls.append(f"Tensor.{__name} at {traceback.format_stack(limit=3)[0].strip()}")
+                return __original(t, *a, **k)
+
+            setattr(torch.Tensor, name, wrapper)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_training_step_reads_no_device_values(world, text_model_dir, teacher_checkpoint, cache_dir):
+    """No .item()/bool()/float() on tensors in the step (losses, memory bank, cache path), once the
+    bank is full and wrapping (the path that used to read its pointer from the device)."""
+    raw = _raw(world, text_model_dir, teacher_checkpoint)
+    for variant in (raw, _with_cache(raw, cache_dir)):
+        cfg = parse_config(variant)
+        module = SMKETraining(cfg.model_dump(mode="json"))
+        module.train()
+        batches = _batches(cfg, 3)
+        for batch in batches:
+            if module.teacher_cache is not None:
+                batch["teacher_target"] = module.teacher_cache.lookup(batch["image_id"])
+        for batch in batches[:2]:
+            module._losses(batch)["loss"].backward()
+        assert len(module.kd.bank) == 12 and int(module.kd.bank.ptr) == 4  # full, wrapped
+        with _SyncDetector() as detector:
+            module._losses(batches[2])["loss"].backward()
+        assert detector.calls == [], "\n".join(detector.calls)
+
+
+def test_memory_bank_host_counters_follow_checkpoints():
+    from unialign.losses import MemoryBank
+
+    bank = MemoryBank(5, 2)
+    bank.enqueue(torch.randn(7, 2), torch.arange(7))
+    restored = MemoryBank(5, 2)
+    restored.load_state_dict(bank.state_dict())
+    assert len(restored) == 5 and restored._count_ptr() == (5, 2) == bank._count_ptr()
+    for a, b in zip(bank.valid(), restored.valid(), strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# Benchmarks: importable and runnable at CI size
+
+
+@pytest.mark.parametrize("script", ["train_step.py", "data.py", "eval.py"])
+def test_benchmarks_run_small(script, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--small", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["small"] is True and result["device"] and "baseline" in json.dumps(result)
+    shutil.rmtree(tmp_path, ignore_errors=True)
