@@ -11,6 +11,7 @@ image equals the eval transform's resize, so both paths feed the teacher the sam
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import time
 from pathlib import Path
@@ -230,31 +231,57 @@ def test_cli_register(world, text_model_dir, teacher_checkpoint, tmp_path, capsy
 # torch.compile, bf16 on CPU
 
 
-def test_compiled_step_matches_eager(world, text_model_dir, teacher_checkpoint):
+# Inductor's first compile of the four graphs (image tower, text tower, shared block, teacher;
+# forward + backward) took 126 s on the 2-core CI VM with a cold compile cache (about 12 s once
+# /tmp/torchinductor_$USER is warm), over this file's time budget. By default the test
+# compiles with "aot_eager" (the same Dynamo capture and AOTAutograd graphs inductor receives,
+# run with eager kernels); UNIALIGN_TEST_INDUCTOR=1 runs the real default backend as well.
+_INDUCTOR_SKIP = pytest.mark.skipif(
+    os.environ.get("UNIALIGN_TEST_INDUCTOR") != "1",
+    reason="inductor compile takes ~2 min on a 2-core CPU with a cold cache (measured 126 s); "
+           "set UNIALIGN_TEST_INDUCTOR=1 to run it")
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=_INDUCTOR_SKIP)])
+def test_compiled_step_matches_eager(world, text_model_dir, teacher_checkpoint, backend, monkeypatch):
     raw = _raw(world, text_model_dir, teacher_checkpoint)
     cfg = parse_config(raw)
     compiled_raw = copy.deepcopy(raw)
     compiled_raw["train"]["compile"] = True
+    original = torch.nn.Module.compile
+    compiled_parts = []
+
+    def compile_with_backend(self, *args, **kwargs):
+        compiled_parts.append(type(self).__name__)
+        return original(self, *args, **{**kwargs, "backend": backend})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_with_backend)
     torch.manual_seed(0)
     eager = SMKETraining(cfg.model_dump(mode="json"))
     torch.manual_seed(0)
     compiled = SMKETraining(parse_config(compiled_raw).model_dump(mode="json"))
+    assert compiled_parts == ["TimmImageTower", "TextTower", "SharedBlock", "TimmImageTower"]
     # nn.Module.compile is in place: same parameter names, so checkpoints are interchangeable.
     assert list(compiled.state_dict()) == list(eager.state_dict())
-    eager.eval()  # no dropout: the compiled graph draws its random numbers differently
+    eager.eval()  # no dropout: a compiled graph draws its random numbers differently
     compiled.eval()
-    batch = _batches(cfg, 1)[0]
+    batches = _batches(cfg, 2)  # two caption lengths: the recompile for a new shape must work too
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
     start = time.perf_counter()
     try:
-        out = compiled._losses(batch)
-        out["loss"].backward()
+        out = [compiled._losses(b) for b in batches]
+        sum(o["loss"] for o in out).backward()
     except Exception as err:  # pragma: no cover - depends on the machine's compiler toolchain
-        pytest.skip(f"torch.compile does not run here: {type(err).__name__}: {str(err)[:300]}")
-    print(f"first compiled step (compile + run) on CPU: {time.perf_counter() - start:.1f} s")
-    ref = eager._losses(batch)
-    ref["loss"].backward()
-    for key in ("loss", "itc", "itc_interm", "kd"):
-        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-5, msg=key)
+        pytest.skip(f"torch.compile ({backend}) does not run here: {type(err).__name__}: {str(err)[:300]}")
+    print(f"compile ({backend}) + 2 steps on CPU: {time.perf_counter() - start:.1f} s")
+    ref = [eager._losses(b) for b in batches]
+    sum(r["loss"] for r in ref).backward()
+    tol = {"rtol": 1e-5, "atol": 1e-6} if backend == "aot_eager" else {"rtol": 1e-4, "atol": 1e-5}
+    for i, (o, r) in enumerate(zip(out, ref, strict=True)):
+        for key in ("loss", "itc", "itc_interm", "kd"):
+            torch.testing.assert_close(o[key], r[key], **tol, msg=f"batch {i} {key}")
     grads = dict(eager.model.named_parameters())
     for name, p in compiled.model.named_parameters():
         if p.grad is not None:
@@ -347,7 +374,23 @@ def test_training_step_reads_no_device_values(world, text_model_dir, teacher_che
         assert len(module.kd.bank) == 12 and int(module.kd.bank.ptr) == 4  # full, wrapped
         with _SyncDetector() as detector:
             module._losses(batches[2])["loss"].backward()
-        assert detector.calls == [], "\n".join(detector.calls)
+        ours = [c for c in detector.calls if "transformers/masking_utils.py" not in c]
+        assert ours == [], "\n".join(ours)
+
+
+@pytest.mark.xfail(strict=True, reason="transformers' sdpa_mask tests `padding_mask.all()` (a host sync on a GPU) "
+                   "to drop an all-ones mask, unless the text tower passes a ready 4-D mask: the proposed fix "
+                   "of TextTower.forward in model/towers.py (remove this marker when it lands)")
+def test_text_tower_mask_needs_no_device_values(text_model_dir):
+    from unialign.model.towers import TextTower
+
+    tower = TextTower(str(text_model_dir), True, 2).eval()
+    ids = torch.randint(5, 20, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    with _SyncDetector() as detector, torch.no_grad():
+        tower(ids, mask)
+    assert detector.calls == [], "\n".join(detector.calls)
 
 
 def test_memory_bank_host_counters_follow_checkpoints():

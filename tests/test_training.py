@@ -225,3 +225,28 @@ def test_init_checkpoint_starts_fine_tuning_from_trained_weights(world, text_mod
     raw["model"]["shared"]["depth"] = 2  # a different architecture is refused, naming the file
     with pytest.raises(ValueError, match=r"init_checkpoint .*final\.ckpt does not match"):
         SMKETraining(parse_config(raw).model_dump(mode="json"))
+
+
+def test_ddp_two_processes_through_the_cli(world, text_model_dir, teacher_checkpoint, tmp_path):
+    """The real launch path: Lightning starts rank 1 by re-running the command (gloo on CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    src = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world)}
+    raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [dict(src, splits=["train"])], dict(src),
+                           max_steps=4, strategy="ddp", devices=2, val_every_steps=4)
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "unialign", "train", "--config", str(config), "--output",
+                           str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 4
+    assert summary["samples_seen"] == 2 * 4 * 8  # both ranks counted
+    assert 0.0 <= summary["metrics"]["val/r_mean"] <= 100.0  # validation gathered across ranks
+    bank = torch.load(tmp_path / "run" / CHECKPOINT_DIR / LAST, weights_only=True)["state_dict"]
+    assert int(bank["kd.bank.count"]) == 64  # 4 steps x 16 targets gathered from both ranks

@@ -139,7 +139,7 @@ def fit(module: nn.Module, named_params: Iterable[tuple[str, nn.Parameter]], loa
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if not losses:
             raise EvalError(f"epoch {epoch + 1}: no trainable batch (every image unreadable?)")

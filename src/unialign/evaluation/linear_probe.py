@@ -46,7 +46,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
     weight = (init.weight.clone() if init else torch.zeros(num_classes, x.shape[1])).to(x).requires_grad_(True)
     bias = (init.bias.clone() if init else torch.zeros(num_classes)).to(x).requires_grad_(True)
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+                            tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()

@@ -154,7 +154,7 @@ class HFEvalModel(EvalModel):
             model = AutoModel.from_pretrained(name_or_path)
             processor = AutoImageProcessor.from_pretrained(name_or_path)
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # missing files / a folder that is not a transformers model
             raise EvalError(f"model {name!r}: cannot load {name_or_path!r} with transformers ({err})") from None
         if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
             raise EvalError(f"model {name!r}: {type(model).__name__} has no get_image_features/get_text_features; "

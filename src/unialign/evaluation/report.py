@@ -188,7 +188,7 @@ def plot_recalls(results: list[dict[str, Any]], published: dict[str, Any], path:
     curves += [(e["model"], d, e[d], True) for e in published.get("retrieval", []) for d in RETRIEVAL_PROTOCOL
                if d in e]
     datasets = _ordered({d for _, d, _, _ in curves}, list(RETRIEVAL_PROTOCOL))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 7), squeeze=False)
     colors: dict[str, Any] = {}
     for ax, dataset in zip(axes[0], datasets):
         for model, d, metrics, paper in curves:
@@ -207,8 +207,12 @@ def plot_recalls(results: list[dict[str, Any]], published: dict[str, Any], path:
         ax.set_xticks(list(KS))
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
+    legend = {}  # one legend under all panels, so no curve is hidden behind it
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.02 + 0.028 * ((len(legend) + 1) // 2), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)

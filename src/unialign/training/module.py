@@ -6,6 +6,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from ..model.factory import create_student, read_checkpoint, student_state_dict,
 from ..model.teacher import Teacher
 
 log = logging.getLogger(__name__)
+# on_before_batch_transfer below serves the teacher cache; the data module defines no such hook,
+# so Lightning's note that the module's hook wins over the data module's is noise.
+warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 # Parameter names that get no weight decay besides 1-d tensors (biases, norms, scales): embeddings.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "embeddings", "token_type", "reg_token")

@@ -116,11 +116,15 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     trainer.save_checkpoint(last)
     trainer.save_checkpoint(output / CHECKPOINT_DIR / FINAL, weights_only=True)
+    # Counters are per rank; the summary reports the whole run.
+    seen, bad = trainer.strategy.reduce(torch.tensor([module.samples_seen, module.samples_bad], dtype=torch.float64,
+                                                     device=module.device), reduce_op="sum").tolist()
     summary = {
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
-        "samples_seen": module.samples_seen,
-        "samples_bad": module.samples_bad,
+        "world_size": trainer.world_size,
+        "samples_seen": int(seen),
+        "samples_bad": int(bad),
         "empty_captions_skipped": datamodule.stats.get("train_skipped_empty", 0),
         "data": datamodule.stats,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},

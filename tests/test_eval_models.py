@@ -1,0 +1,122 @@
+"""One harness, three model kinds: unialign checkpoints, open_clip and Hugging Face CLIP adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from test_eval_support import TINY_OPENCLIP, ColourModel, solid, tiny_hf_clip, tiny_openclip, write_manifest
+
+from unialign.evaluation.models import EvalError, load_eval_model
+from unialign.evaluation.run import evaluate_retrieval_model
+
+TEXTS = ["a red square", "the blue circle is big", "green"]
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    root = tmp_path_factory.mktemp("imgs")
+    paths = []
+    for i, rgb in enumerate([(1.0, 0.0, 0.0), (0.2, 0.4, 0.9), (0.5, 0.5, 0.1)]):
+        Image.fromarray(solid(rgb, size=40)).save(root / f"{i}.png")
+        paths.append(str(root / f"{i}.png"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def openclip_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    pytest.importorskip("open_clip")
+    return tiny_openclip(tmp_path_factory.mktemp("openclip"))
+
+
+def _check_normalised(model, image_files: list[str], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, kept, skipped = model.encode_images(image_files, batch_size=2, progress=False)
+    texts = model.encode_texts(TEXTS, batch_size=2, progress=False)
+    assert images.shape == (3, width) and texts.shape == (3, width) and kept == [0, 1, 2] and not skipped
+    assert torch.allclose(images.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(texts.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert model.width == width
+    return images, texts
+
+
+def test_unialign_checkpoint_adapter(tiny_checkpoint: Path, image_files: list[str]) -> None:
+    import unialign
+
+    for spec in (str(tiny_checkpoint), f"unialign:{tiny_checkpoint}"):
+        model = load_eval_model(spec, "cpu")
+        images, texts = _check_normalised(model, image_files, 64)
+        assert model.name == spec
+    net, preprocess, tokenizer = unialign.load(tiny_checkpoint)
+    with torch.no_grad():
+        direct = net.encode_text(tokenizer(TEXTS))
+        pixels = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in image_files])
+        direct_images = net.encode_image(pixels)
+    assert torch.allclose(texts, direct, atol=1e-5) and torch.allclose(images, direct_images, atol=1e-5)
+
+
+def test_openclip_adapter_loads_weights_from_a_file(openclip_model: tuple[str, Path], image_files: list[str]) -> None:
+    import open_clip
+
+    arch, weights = openclip_model
+    model = load_eval_model(f"openclip:{arch}/{weights}", "cpu")
+    images, texts = _check_normalised(model, image_files, TINY_OPENCLIP["embed_dim"])
+    reference = open_clip.create_model(arch, pretrained=None)
+    reference.load_state_dict(torch.load(weights))
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(reference.eval().encode_text(open_clip.get_tokenizer(arch)(TEXTS)))
+    assert torch.allclose(texts, expected, atol=1e-5)
+    random_init = load_eval_model(f"openclip:{arch}", "cpu")  # no weights: a different (random) model
+    assert not torch.allclose(random_init.encode_texts(TEXTS, progress=False), texts)
+
+
+def test_openclip_local_dir_schema(openclip_model: tuple[str, Path], tmp_path: Path,
+                                   image_files: list[str]) -> None:
+    _, weights = openclip_model
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPENCLIP, "preprocess_cfg": {}}))
+    (tmp_path / "open_clip_pytorch_model.bin").write_bytes(weights.read_bytes())
+    _check_normalised(load_eval_model(f"openclip:local-dir:{tmp_path}", "cpu"), image_files, 16)
+
+
+def test_hf_clip_adapter(tmp_path: Path, text_model_dir: Path, image_files: list[str]) -> None:
+    from transformers import CLIPModel
+
+    path = tiny_hf_clip(tmp_path / "clip", text_model_dir)
+    model = load_eval_model(f"hf:{path}", "cpu")
+    images, texts = _check_normalised(model, image_files, 16)
+    reference = CLIPModel.from_pretrained(path).eval()
+    tokens = model.tokenize(TEXTS)
+    with torch.no_grad():
+        out = reference.get_text_features(**tokens)
+    expected = getattr(out, "pooler_output", out)
+    assert torch.allclose(texts, torch.nn.functional.normalize(expected, dim=-1), atol=1e-5)
+
+
+def test_model_spec_errors(tmp_path: Path) -> None:
+    with pytest.raises(EvalError, match="checkpoint .*missing.ckpt does not exist"):
+        load_eval_model(tmp_path / "missing.ckpt", "cpu")
+    with pytest.raises(EvalError, match="expected openclip:ARCH"):
+        load_eval_model("openclip:", "cpu")
+    with pytest.raises(EvalError, match="cannot load"):
+        load_eval_model(f"hf:{tmp_path}", "cpu")
+
+
+def test_manifest_retrieval_by_hand(tmp_path: Path) -> None:
+    # Image 2 is blue but captioned "red thing". IR: that caption ranks its image 3rd (below red, tied
+    # with green: ties count against), the other 3 captions are exact -> IR@1 = 3/4. TR: the red image's
+    # captions tie with "red thing" (rank 1), the blue image's caption ties with all 3 others (rank 3),
+    # only the green image is exact -> TR@1 = 1/3, TR@5 = 1.
+    manifest = write_manifest(tmp_path, [((1.0, 0.0, 0.0), ["red", "a red one"]), ((0.0, 1.0, 0.0), ["green"]),
+                                         ((0.0, 0.0, 1.0), ["red thing"])])
+    result = evaluate_retrieval_model(ColourModel(), manifest=manifest, progress=False)
+    assert (result["task"], result["model"], result["dataset"]) == ("retrieval", "colour", "manifest")
+    assert (result["n_images"], result["n_captions"]) == (3, 4)
+    assert result["txt_r1"] == pytest.approx(100 / 3) and result["txt_r5"] == 100.0
+    assert result["img_r1"] == pytest.approx(75.0) and result["img_r5"] == 100.0
+
+
+def test_retrieval_needs_one_source(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one of karpathy"):
+        evaluate_retrieval_model(ColourModel())
