@@ -8,7 +8,8 @@ Latency is measured one query at a time (the interactive case); recall@10 of the
 index is measured against IndexFlatIP on the same vectors in the same run. Vectors are
 L2-normalised like real embeddings. ``--data clustered`` (default) draws them around random
 centres the way embeddings of a photo collection bunch into topics; ``--data uniform`` is the
-isotropic worst case for any partition- or graph-based index.
+isotropic worst case for any partition- or graph-based index; ``--vectors FILE.npy`` uses real
+embeddings (from ``unialign embed``) instead.
 """
 
 from __future__ import annotations
@@ -71,6 +72,21 @@ def make_vectors(n: int, dim: int, data: str, clusters: int, rng: np.random.Gene
     return out
 
 
+def load_vectors(path: Path, n_queries: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Real embeddings (a .npy from `unialign embed`): random rows are held out as queries, so
+    recall is measured on the distribution the index will really serve."""
+    data = np.load(path, mmap_mode="r")
+    if data.ndim != 2 or len(data) <= n_queries:
+        raise SystemExit(f"--vectors {path}: need a 2-D array with more than --queries={n_queries} rows, "
+                         f"got shape {data.shape}")
+    held_out = np.zeros(len(data), dtype=bool)
+    held_out[rng.choice(len(data), n_queries, replace=False)] = True
+    base, queries = (np.asarray(data[mask], dtype=np.float32) for mask in (~held_out, held_out))
+    for x in (base, queries):
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return base, queries
+
+
 def single_query_latency(index: Any, queries: np.ndarray, k: int) -> list[float]:
     """Seconds per query, one at a time, through the library's search path (`ann.search`)."""
     from unialign.search import ann
@@ -91,14 +107,18 @@ def bench_ann(args: argparse.Namespace) -> dict[str, Any]:
 
     host = machine()
     rng = np.random.default_rng(args.seed)
-    centres = None
-    if args.data == "clustered":
-        centres = rng.standard_normal((args.clusters, args.dim), dtype=np.float32)
-        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     t0 = time.perf_counter()
-    base = make_vectors(args.n, args.dim, args.data, args.clusters, rng, centres)
-    queries = make_vectors(args.queries, args.dim, args.data, args.clusters, rng, centres)
-    log(f"generated {args.n} x {args.dim} {args.data} vectors in {time.perf_counter() - t0:.1f}s")
+    if args.vectors:
+        base, queries = load_vectors(Path(args.vectors), args.queries, rng)
+        args.n, args.dim, args.data = len(base), base.shape[1], f"file {args.vectors}"
+    else:
+        centres = None
+        if args.data == "clustered":
+            centres = rng.standard_normal((args.clusters, args.dim), dtype=np.float32)
+            centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        base = make_vectors(args.n, args.dim, args.data, args.clusters, rng, centres)
+        queries = make_vectors(args.queries, args.dim, args.data, args.clusters, rng, centres)
+    log(f"{args.n} x {args.dim} {args.data} vectors ready in {time.perf_counter() - t0:.1f}s")
     ids = np.arange(args.n, dtype=np.int64)
 
     params = ann.choose_params(args.n, args.index_type, nprobe=args.nprobe, ef_search=args.ef_search)
@@ -130,7 +150,7 @@ def bench_ann(args: argparse.Namespace) -> dict[str, Any]:
         "faiss": faiss.__version__,
         "omp_threads": faiss.omp_get_max_threads(),
         "n": args.n, "dim": args.dim, "data": args.data,
-        "clusters": args.clusters if args.data == "clustered" else None,
+        "clusters": args.clusters if args.data == "clustered" and not args.vectors else None,
         "k": args.k, "queries": args.queries,
         "index": params.describe(), "params": params.as_dict(),
         "build_s": round(build_s, 2),
@@ -332,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--data", choices=["clustered", "uniform"], default="clustered")
     p.add_argument("--clusters", type=int, default=10_000, help="topics for --data clustered")
+    p.add_argument("--vectors", metavar="NPY", help="benchmark on these embeddings instead (e.g. from `unialign "
+                                                    "embed`); --n, --dim and --data are then ignored")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="also write results as JSON ('-' for stdout only)")
     load = p.add_argument_group("service load test (--serve-load)")

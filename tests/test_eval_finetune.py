@@ -12,10 +12,9 @@ import yaml
 from test_eval_support import write_cifar
 
 from unialign.config import Config
-from unialign.evaluation.finetune import FinetuneConfig, ImageClassifier, finetune_image, with_overrides
-from unialign.evaluation.glue import (GLUE_DEFAULTS, GLUE_TASKS, _Collate, f1, finetune_glue, glue_metrics, mcc,
-                                      pearson, spearman, task_score)
-from unialign.evaluation.models import EvalError
+from unialign.evaluation.finetune import ImageClassifier, finetune_image
+from unialign.evaluation.glue import _Collate, f1, finetune_glue, glue_metrics, mcc, pearson, spearman, task_score
+from unialign.evaluation.specs import GLUE_DEFAULTS, GLUE_TASKS, EvalError, FinetuneConfig, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,9 +163,8 @@ def test_finetune_config_is_checked() -> None:
 
 
 def test_finetune_retrieval_config_is_the_spec_recipe() -> None:
-    raw = yaml.safe_load((REPO / "configs" / "finetune_retrieval.yaml").read_text())
-    assert raw["model"].pop("init_checkpoint").endswith(".ckpt")  # key the trainer reads (owner adds it)
-    cfg = Config.model_validate(raw)
+    cfg = Config.model_validate(yaml.safe_load((REPO / "configs" / "finetune_retrieval.yaml").read_text()))
+    assert cfg.model.init_checkpoint is not None and cfg.model.init_checkpoint.name == "final.ckpt"
     assert cfg.loss.kd == "none" and cfg.loss.itc_interm is False and not cfg.teacher.enabled
     assert cfg.train.batch_size * cfg.train.devices == 1024
     assert cfg.train.base_lr == 3e-5 and cfg.train.scale_lr is False and cfg.train.epochs == 5

@@ -80,8 +80,8 @@ class ColourModel(EvalModel):
         return F.normalize(pixels.mean(dim=(2, 3)), dim=-1)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        vectors = [torch.tensor([sum(COLOURS[w][c] for w in re.findall(r"[a-z]+", t) if w in COLOURS) for c in range(3)])
-                   for t in texts]
+        words = [[w for w in re.findall(r"[a-z]+", t) if w in COLOURS] for t in texts]
+        vectors = [torch.tensor([sum(COLOURS[w][c] for w in ws) for c in range(3)]) for ws in words]
         return {"rgb": torch.stack(vectors).float() + 1e-6}
 
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -118,14 +118,30 @@ def test_upload_rejects_non_images(client, name, data, status, words):
 
 
 def test_upload_size_and_pixel_limits(client, searcher):
-    too_big = b"\x89PNG\r\n\x1a\n" + b"\0" * (10 * 1024 * 1024 + 1)
+    too_big = b"\x89PNG\r\n\x1a\n" + b"\0" * (10 * 1024 * 1024 - 7)  # one byte over 10 MiB
     r = client.post("/api/search/image", files={"file": ("huge.png", too_big, "image/png")})
-    assert r.status_code == 413 and r.json()["detail"]
+    assert r.status_code == 413 and r.json()["detail"] == "huge.png: larger than 10,485,760 bytes"
+    assert client.post("/api/search/image", files={"file": ("ok.png", png(draw("red")), "image/png")}).is_success
     with TestClient(create_app(searcher, Limits(max_pixels=31 * 31))) as small:
         r = small.post("/api/search/image", files={"file": ("big.png", png(draw("red", size=32)), "image/png")})
         assert r.status_code == 413 and "32x32 pixels" in r.json()["detail"]
     r = client.post("/api/search/image", content=b"x" * 100_000, headers={"content-type": "application/json"})
     assert r.status_code in (413, 422)
+
+
+def test_oversize_body_without_content_length_is_refused(client):
+    """A chunked upload (no Content-Length to check up front) is cut off by the running byte count."""
+    head = (b'--bound\r\nContent-Disposition: form-data; name="file"; filename="stream.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+
+    def body():
+        yield head
+        for _ in range(12):  # 12 MiB
+            yield b"\0" * (1 << 20)
+        yield b"\r\n--bound--\r\n"
+
+    r = client.post("/api/search/image", content=body(), headers={"content-type": "multipart/form-data; boundary=bound"})
+    assert r.status_code == 413 and r.json()["detail"]
 
 
 @pytest.mark.parametrize("params", [

@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for CI)")
     p.set_defaults(func=_demo)
+
+    from .search.cli import register as register_search
+
+    register_search(sub)
     return parser
 
 

@@ -20,10 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.images import load_image
-from .models import EvalError, EvalModel
+from .models import EvalModel
+from .specs import FORMATS, EvalError
 
-Format = Literal["folder", "imagenet", "cifar10", "cifar100"]
-FORMATS: tuple[str, ...] = ("folder", "imagenet", "cifar10", "cifar100")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _TEMPLATES = resources.files("unialign.evaluation") / "templates"
 
@@ -46,13 +45,6 @@ class ClassificationSet:
             return Image.fromarray(self.arrays[i])
         assert self.paths is not None
         return load_image(self.paths[i])
-
-    def subset(self, indices: Sequence[int]) -> "ClassificationSet":
-        idx = list(indices)
-        return ClassificationSet(
-            self.classes, [self.labels[i] for i in idx],
-            [self.paths[i] for i in idx] if self.paths is not None else None,
-            self.arrays[idx] if self.arrays is not None else None, self.source)
 
 
 # ---------------------------------------------------------------------------------------

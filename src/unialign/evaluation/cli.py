@@ -14,15 +14,14 @@ import argparse
 import sys
 from typing import Any, Callable
 
-from ..data.records import DataError
-from .models import EvalError
-
-_FORMATS = ("folder", "imagenet", "cifar10", "cifar100")
+from .specs import FORMATS, GLUE_DEFAULTS, GLUE_TASKS, EvalError, FinetuneConfig, with_overrides
 
 
 def _friendly(handler: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
     """Bad input (a dataset layout, a field, a model spec) ends with its message, not a traceback."""
     def run(args: argparse.Namespace) -> None:
+        from ..data.records import DataError  # here, not at the top: the data package imports Lightning
+
         try:
             handler(args)
         except (EvalError, DataError) as err:
@@ -64,7 +63,7 @@ def _dataset_args(p: argparse.ArgumentParser, train: bool) -> None:
                    help="test set: class folders (folder/imagenet) or a CIFAR python folder")
     if train:
         p.add_argument("--train-dataset", help="training set (default: --dataset, right for CIFAR's one folder)")
-    p.add_argument("--format", choices=_FORMATS, default="folder")
+    p.add_argument("--format", choices=FORMATS, default="folder")
     p.add_argument("--class-map", help="imagenet: folder id -> class name file (default: shipped ImageNet-1K map)")
     p.add_argument("--dataset-name", help="name in results/reports (default: imagenet1k/cifar10/cifar100/folder name)")
 
@@ -128,7 +127,7 @@ def _linear_probe(args: argparse.Namespace) -> None:
     _finish(result, args, ("top1", "top5", "mean_per_class_recall", "l2"))
 
 
-def _finetune_args(p: argparse.ArgumentParser, defaults: Any) -> None:
+def _finetune_args(p: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
     """Optimiser flags; unset ones keep the task's defaults (shown in --help)."""
     p.add_argument("--checkpoint", required=True, help="unialign checkpoint (fine-tuning needs the real network)")
     p.add_argument("--epochs", type=int, help=f"default {defaults.epochs}")
@@ -142,9 +141,7 @@ def _finetune_args(p: argparse.ArgumentParser, defaults: Any) -> None:
     p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
 
 
-def _finetune_config(args: argparse.Namespace, defaults: Any) -> Any:
-    from .finetune import with_overrides
-
+def _finetune_config(args: argparse.Namespace, defaults: FinetuneConfig) -> FinetuneConfig:
     return with_overrides(defaults, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
                           schedule=args.schedule, label_smoothing=args.label_smoothing, precision=args.precision,
@@ -153,7 +150,7 @@ def _finetune_config(args: argparse.Namespace, defaults: Any) -> Any:
 
 @_friendly
 def _finetune_image(args: argparse.Namespace) -> None:
-    from .finetune import FinetuneConfig, finetune_image
+    from .finetune import finetune_image
 
     cfg = _finetune_config(args, FinetuneConfig())
     result = finetune_image(args.checkpoint, args.train_dataset or args.dataset, args.dataset, args.format,
@@ -164,7 +161,7 @@ def _finetune_image(args: argparse.Namespace) -> None:
 
 @_friendly
 def _glue(args: argparse.Namespace) -> None:
-    from .glue import GLUE_DEFAULTS, finetune_glue
+    from .glue import finetune_glue
 
     result = finetune_glue(args.checkpoint, args.data, args.task, _finetune_config(args, GLUE_DEFAULTS),
                            args.max_length, args.dropout, args.num_workers, args.device, args.progress)
@@ -175,9 +172,6 @@ def _glue(args: argparse.Namespace) -> None:
 
 def register_eval(eval_subparsers: argparse._SubParsersAction) -> None:
     """Add zeroshot, linear-probe, finetune-image and glue next to `eval retrieval`."""
-    from .finetune import FinetuneConfig
-    from .glue import GLUE_DEFAULTS, GLUE_TASKS
-
     p = eval_subparsers.add_parser("zeroshot", help="zero-shot classification with prompt templates")
     _dataset_args(p, train=False)
     p.add_argument("--split", default="test", help="CIFAR split (train/test)")

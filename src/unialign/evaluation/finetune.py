@@ -11,9 +11,9 @@ author's recipe, which the SPEC does not give.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -29,40 +29,10 @@ from ..model.smke import SMKE
 from ..training.module import NO_DECAY_NAMES
 from .classification import (ClassificationSet, LabelledImages, classification_metrics, collate_labelled,
                              default_dataset_name, read_classification)
-from .models import EvalError
+from .specs import EvalError, FinetuneConfig
 from .run import default_device, result_header
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FinetuneConfig:
-    """Optimisation settings; the defaults are the image recipe (GLUE has its own, `glue.GLUE_DEFAULTS`)."""
-
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-4
-    weight_decay: float = 0.05  # not on biases, norms, embeddings, tokens
-    warmup_fraction: float = 0.1
-    schedule: Literal["cosine", "linear"] = "cosine"  # decay after warm-up
-    grad_clip: float | None = 1.0
-    label_smoothing: float = 0.1  # classification losses only
-    precision: Literal["32", "bf16"] = "32"  # bf16 autocast (use on GPUs with bf16)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-                  "weight_decay": self.weight_decay >= 0, "warmup_fraction": 0 <= self.warmup_fraction < 1,
-                  "label_smoothing": 0 <= self.label_smoothing < 1,
-                  "schedule": self.schedule in ("cosine", "linear"), "precision": self.precision in ("32", "bf16")}
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise EvalError(f"invalid fine-tuning setting {bad[0]}={getattr(self, bad[0])!r}")
-
-
-def with_overrides(base: FinetuneConfig, **overrides: Any) -> FinetuneConfig:
-    """`base` with the non-None values of `overrides` (how the CLI applies only the flags a user gave)."""
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def shared_tokens(model: SMKE, tokens: torch.Tensor, modality: int, attn_mask: torch.Tensor | None = None
@@ -103,7 +73,8 @@ class ImageClassifier(nn.Module):
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only; biases, norms, embeddings and tokens get none (the training rule)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in named:
         if p.requires_grad:
             exempt = p.ndim < 2 or any(key in name for key in NO_DECAY_NAMES)

@@ -9,9 +9,9 @@ splits, the GLUE score the mean of the task scores.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,34 +21,9 @@ from torch.utils.data import DataLoader
 
 from ..model.factory import load
 from ..model.smke import SMKE
-from .finetune import FinetuneConfig, fit, shared_tokens
-from .models import EvalError
+from .finetune import fit, shared_tokens
+from .specs import GLUE_DEFAULTS, GLUE_TASKS, EvalError, FinetuneConfig, GlueTask
 from .run import default_device, result_header
-
-
-@dataclass(frozen=True)
-class GlueTask:
-    text_keys: tuple[str, str | None]  # one sentence, or a pair
-    num_labels: int  # 1: regression (STS-B)
-    metrics: tuple[str, ...]
-    eval_splits: tuple[str, ...] = ("validation",)
-
-
-GLUE_TASKS: dict[str, GlueTask] = {
-    "cola": GlueTask(("sentence", None), 2, ("mcc",)),
-    "sst2": GlueTask(("sentence", None), 2, ("accuracy",)),
-    "mrpc": GlueTask(("sentence1", "sentence2"), 2, ("f1", "accuracy")),
-    "qqp": GlueTask(("question1", "question2"), 2, ("f1", "accuracy")),
-    "stsb": GlueTask(("sentence1", "sentence2"), 1, ("pearson", "spearman")),
-    "mnli": GlueTask(("premise", "hypothesis"), 3, ("accuracy",), ("validation_matched", "validation_mismatched")),
-    "qnli": GlueTask(("question", "sentence"), 2, ("accuracy",)),
-    "rte": GlueTask(("sentence1", "sentence2"), 2, ("accuracy",)),
-    "wnli": GlueTask(("sentence1", "sentence2"), 2, ("accuracy",)),
-}
-
-# BERT's GLUE recipe (Devlin et al. 2019): 3 epochs, batch 32, lr 2e-5 (of 2/3/5e-5), linear decay.
-GLUE_DEFAULTS = FinetuneConfig(epochs=3, batch_size=32, lr=2e-5, weight_decay=0.01, warmup_fraction=0.1,
-                               schedule="linear", label_smoothing=0.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,18 +104,20 @@ class TextClassifier(nn.Module):
         super().__init__()
         self.smke = model
         width = model.width
-        self.pooler = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+        self.pooler = nn.Linear(width, width)  # followed by tanh, as BERT's
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(width, num_labels)
-        for layer in (self.pooler[0], self.head):
+        for layer in (self.pooler, self.head):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
 
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.smke.text_tower.model(**tokens).last_hidden_state
+        # the HF model itself, not TextTower.forward, which passes no segment ids
+        encoder = cast(nn.Module, self.smke.text_tower.model)
+        hidden = encoder(**tokens).last_hidden_state
         keep = tokens["attention_mask"].bool()[:, None, None, :]
         cls = shared_tokens(self.smke, self.smke.text_proj(hidden), modality=0, attn_mask=keep)[:, 0]
-        return self.head(self.dropout(self.pooler(cls)))
+        return self.head(self.dropout(torch.tanh(self.pooler(cls))))
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         skip = ("smke.image_tower.", "smke.kd_head.", "smke.logit_scale")
@@ -236,12 +213,4 @@ def finetune_glue(checkpoint: str | Path, data_path: str | Path, task: str, cfg:
         "n_train": len(data["train"]),
         "n_eval": {s: len(data[s]) for s in spec.eval_splits},
     }
-
-
-def glue_score(results: Sequence[dict[str, Any]]) -> float:
-    """GLUE score of one model: the mean of its task scores (each task counted once)."""
-    scores = {r["glue_task"]: r["score"] for r in results}
-    if not scores:
-        raise EvalError("no GLUE results to average")
-    return sum(scores.values()) / len(scores)
 

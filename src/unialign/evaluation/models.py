@@ -25,12 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .encode import encode_images, encode_texts
+from .specs import EvalError
 
 log = logging.getLogger(__name__)
-
-
-class EvalError(ValueError):
-    """Unusable evaluation input (model spec, dataset layout, file); the message names it."""
 
 
 class EvalModel(ABC):
@@ -125,7 +122,7 @@ class OpenClipEvalModel(EvalModel):
 
 
 class _HFImagePreprocess:
-    """PIL image -> pixel tensor through a transformers image processor (a class, so DataLoader workers can pickle it)."""
+    """PIL image -> pixel tensor via a transformers image processor (a class: DataLoader workers pickle it)."""
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor

@@ -15,9 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from .glue import GLUE_TASKS, glue_score
-from .models import EvalError
 from .run import write_json
+from .specs import GLUE_TASKS, EvalError
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +152,12 @@ def _classification_section(results: list[dict[str, Any]], published: dict[str, 
     return text, notes
 
 
+def glue_score(results: Sequence[dict[str, Any]]) -> float:
+    """GLUE score of one model: the mean of its task scores (each task counted once)."""
+    scores = {r["glue_task"]: r["score"] for r in results}
+    return sum(scores.values()) / len(scores)
+
+
 def glue_section(results: list[dict[str, Any]], published: dict[str, Any]) -> tuple[str, list[str]]:
     """Per-task dev scores and their mean; the mean is only comparable to the paper's with the same tasks."""
     table, notes = _index(results, "glue")
@@ -207,11 +212,12 @@ def plot_recalls(results: list[dict[str, Any]], published: dict[str, Any], path:
         ax.set_xticks(list(KS))
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-    legend = {}  # one legend under all panels, so no curve is hidden behind it
+    legend: dict[str, Any] = {}  # one legend under all panels, so no curve is hidden behind it
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.legend(handles=list(legend.values()), labels=list(legend), loc="lower center", ncol=2, fontsize=7,
+               frameon=False)
     fig.tight_layout(rect=(0, 0.02 + 0.028 * ((len(legend) + 1) // 2), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)

