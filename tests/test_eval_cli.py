@@ -95,6 +95,21 @@ def test_zeroshot_linear_probe_finetune_and_report(tmp_path: Path, tiny_checkpoi
     assert "wrote" in capsys.readouterr().out
 
 
+def test_glue_command(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    rows = {"sentence1": ["a red box", "the blue circle", "a big square", "red"] * 2,
+            "sentence2": ["a box", "a circle", "a square", "blue"] * 2, "label": [0, 1, 0, 1] * 2}
+    split = datasets.Dataset.from_dict(rows)
+    datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(str(tmp_path / "mrpc"))
+    out = tmp_path / "mrpc.json"
+    run(["eval", "glue", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "mrpc"), "--task", "mrpc",
+         "--epochs", "1", "--batch-size", "4", "--max-length", "16", "--output", str(out), "--no-progress"])
+    result = json.loads(out.read_text())
+    assert (result["task"], result["dataset"], result["glue_task"]) == ("glue", "glue/mrpc", "mrpc")
+    assert set(result["metrics"]["validation"]) == {"f1", "accuracy"}
+    assert result["config"]["lr"] == 2e-5 and result["config"]["schedule"] == "linear"  # BERT's recipe
+
+
 def test_bad_input_exits_with_its_message(tmp_path: Path, tiny_checkpoint: Path,
                                           capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:

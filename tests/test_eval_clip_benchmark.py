@@ -118,3 +118,39 @@ def test_zeroshot_classification_through_the_hook(loaded, tiny_checkpoint: Path,
 def test_loader_names_a_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a unialign checkpoint file"):
         hook.load_unialign("s-smke", str(tmp_path / "nope.ckpt"))
+
+
+def test_clip_benchmark_command_line_with_the_hook(tiny_checkpoint: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLIP_benchmark's own CLI (COCO captions layout) on a unialign checkpoint; its JSON feeds `unialign report`."""
+    pytest.importorskip("clip_benchmark.cli")  # needs pycocoevalcap + pycocotools
+    import json
+
+    from unialign.evaluation.report import build_report
+
+    (tmp_path / "val2014").mkdir()
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i, captions in enumerate(CAPTIONS):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "val2014" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png"})
+        annotations += [{"id": 10 * i + j, "image_id": i, "caption": c} for j, c in enumerate(captions)]
+    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    out = tmp_path / "cb.json"
+    monkeypatch.setattr("sys.argv", [
+        "clip_benchmark", "eval", "--model_type", "unialign", "--model", "s-smke", "--pretrained", str(tiny_checkpoint),
+        "--dataset", "mscoco_captions", "--dataset_root", str(tmp_path),
+        "--annotation_file", str(tmp_path / "ann.json"),
+        "--task", "zeroshot_retrieval", "--recall_k", "1", "5", "--no_amp", "--num_workers", "0",
+        "--batch_size", "2", "--output", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        hook.main()
+    assert not exit_info.value.code
+    metrics = json.loads(out.read_text())["metrics"]
+    assert set(metrics) == {f"{side}_retrieval_recall@{k}" for side in ("image", "text") for k in (1, 5)}
+    assert metrics["image_retrieval_recall@5"] == 1.0  # 5 images: every caption's image is in its top 5
+
+    report = build_report([out], tmp_path / "report")
+    row = report["results"][0]
+    assert (row["task"], row["model"], row["dataset"]) == ("retrieval", f"s-smke {tiny_checkpoint}", "coco")
+    assert row["img_r5"] == 100.0 and row["txt_r1"] == pytest.approx(100 * metrics["text_retrieval_recall@1"])

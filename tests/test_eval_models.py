@@ -94,6 +94,22 @@ def test_hf_clip_adapter(tmp_path: Path, text_model_dir: Path, image_files: list
     assert torch.allclose(texts, torch.nn.functional.normalize(expected, dim=-1), atol=1e-5)
 
 
+def test_hf_siglip_pads_to_full_length(tmp_path: Path, text_model_dir: Path, image_files: list[str]) -> None:
+    from transformers import BertTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    tok = BertTokenizerFast.from_pretrained(text_model_dir)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    cfg = SiglipConfig(text_config=dict(vocab_size=len(tok), max_position_embeddings=16, bos_token_id=None,
+                                        eos_token_id=None, **small),
+                       vision_config=dict(image_size=32, patch_size=8, **small))
+    SiglipModel(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    model = load_eval_model(f"hf:{tmp_path}", "cpu")
+    assert model.tokenize(["red"])["input_ids"].shape == (1, 16)  # as SigLIP was trained, not to the longest
+    _check_normalised(model, image_files, 32)
+
+
 def test_model_spec_errors(tmp_path: Path) -> None:
     with pytest.raises(EvalError, match="checkpoint .*missing.ckpt does not exist"):
         load_eval_model(tmp_path / "missing.ckpt", "cpu")

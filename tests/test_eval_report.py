@@ -95,3 +95,22 @@ def test_published_numbers_are_the_specs() -> None:
     final = pub["retrieval"][0]
     assert final["coco"]["txt_r1"] == 53.54 and final["flickr30k"]["img_r10"] == 87.46
     assert pub["glue"][0]["score"] == 61.3 and pub["zeroshot"][0]["imagenet1k"]["top1"] == 37.0
+
+
+def test_clip_benchmark_results_are_converted(tmp_path: Path) -> None:
+    files = [
+        _write(tmp_path / "cls.json", {"dataset": "imagenet1k", "model": "ViT-B-32", "pretrained": "openai",
+                                       "task": "zeroshot_classification", "language": "en",
+                                       "metrics": {"acc1": 0.632, "acc5": 0.884, "mean_per_class_recall": 0.63}}),
+        _write(tmp_path / "ret.json", {"dataset": "flickr30k", "model": "ViT-B-32", "pretrained": "openai",
+                                       "task": "zeroshot_retrieval", "language": "en",
+                                       "metrics": {"image_retrieval_recall@1": 0.5, "text_retrieval_recall@1": 0.75}}),
+    ]
+    cls, ret = read_results(files)
+    assert (cls["task"], cls["model"], cls["dataset"]) == ("zeroshot", "ViT-B-32 openai", "imagenet1k")
+    assert cls["top1"] == pytest.approx(63.2) and cls["top5"] == pytest.approx(88.4)
+    assert (ret["task"], ret["dataset"], ret["txt_r1"], ret["img_r1"]) == ("retrieval", "flickr30k", 75.0, 50.0)
+    report = build_report(files, tmp_path / "o")
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "| ViT-B-32 openai |  |  | 75.00/-/- | 50.00/-/- |" in md and "| ViT-B-32 openai | 63.20 / 88.40 |" in md
+    assert any("gallery size not recorded" in n for n in report["notes"])

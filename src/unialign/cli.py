@@ -1,4 +1,4 @@
-"""Command line: `unialign train | eval retrieval | embed | demo`."""
+"""Command line: `unialign train | eval | report | embed | demo | index | search | serve`."""
 
 from __future__ import annotations
 
@@ -16,19 +16,6 @@ def _train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.set)
     train(cfg, args.output, resume=args.resume)
-
-
-def _eval_retrieval(args: argparse.Namespace) -> None:
-    from .evaluation.run import evaluate_retrieval, write_json
-
-    result = evaluate_retrieval(args.checkpoint, args.karpathy, args.images, args.split, args.batch_size,
-                                args.num_workers, args.device)
-    write_json(result, args.output)
-    keys = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    print("| " + " | ".join(f"{result[k]:.2f}" for k in keys) + " |")
-    if result["images_skipped"]:
-        print(f"{result['images_skipped']} unreadable image(s) skipped; listed in {args.output}")
 
 
 def _embed(args: argparse.Namespace) -> None:
@@ -81,18 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.ckpt")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    from .evaluation.cli import register_eval, register_report, register_retrieval
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint or a baseline model")
     eval_sub = p.add_subparsers(dest="task", required=True)
-    r = eval_sub.add_parser("retrieval", help="image-text retrieval recall@K on a Karpathy split")
-    r.add_argument("--checkpoint", required=True)
-    r.add_argument("--karpathy", required=True, help="dataset_coco.json / dataset_flickr30k.json format")
-    r.add_argument("--images", required=True, help="image root the JSON's filepath/filename are relative to")
-    r.add_argument("--split", default="test")
-    r.add_argument("--output", required=True, help="results JSON")
-    r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--num-workers", type=int, default=0)
-    r.add_argument("--device", default=None)
-    r.set_defaults(func=_eval_retrieval)
+    register_retrieval(eval_sub)
+    register_eval(eval_sub)  # zeroshot, linear-probe, finetune-image, glue
+    register_report(sub)
 
     p = sub.add_parser("embed", help="embed a folder of images or a file of texts (one per line) to .npy")
     p.add_argument("--checkpoint", required=True)

@@ -40,6 +40,10 @@ class ClassificationSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def describe(self, i: int) -> str:
+        """How messages and skip lists name image `i`: its file, or its index in the source."""
+        return self.paths[i] if self.paths is not None else f"{self.source}[{i}]"
+
     def image(self, i: int) -> Image.Image:
         if self.arrays is not None:
             return Image.fromarray(self.arrays[i])
@@ -299,7 +303,7 @@ def image_features(model: EvalModel, data: ClassificationSet, batch_size: int = 
                         collate_fn=collate_labelled)
     out, kept, skipped = [], [], []
     for indices, pixels, bad in tqdm(loader, desc="images", unit="batch", disable=not progress):
-        skipped += [(f"{data.source}[{i}]", reason) for i, reason in bad]
+        skipped += [(data.describe(i), reason) for i, reason in bad]
         if pixels is not None:
             out.append(model.encode_image(pixels.to(model.device)).float().cpu())
             kept += indices

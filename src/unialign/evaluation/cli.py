@@ -163,10 +163,10 @@ def _finetune_image(args: argparse.Namespace) -> None:
 def _glue(args: argparse.Namespace) -> None:
     from .glue import finetune_glue
 
-    result = finetune_glue(args.checkpoint, args.data, args.task, _finetune_config(args, GLUE_DEFAULTS),
+    result = finetune_glue(args.checkpoint, args.data, args.glue_task, _finetune_config(args, GLUE_DEFAULTS),
                            args.max_length, args.dropout, args.num_workers, args.device, args.progress)
     for split, metrics in result["metrics"].items():
-        print(f"{args.task} {split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        print(f"{args.glue_task} {split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     _finish(result, args, ("score",))
 
 
@@ -198,7 +198,8 @@ def register_eval(eval_subparsers: argparse._SubParsersAction) -> None:
 
     p = eval_subparsers.add_parser("glue", help="fine-tune the text encoder on a GLUE task (local datasets copy)")
     p.add_argument("--data", required=True, help="the task's DatasetDict folder (datasets' save_to_disk)")
-    p.add_argument("--task", required=True, choices=sorted(GLUE_TASKS))
+    # dest differs from `task`, the name `unialign eval` stores its subcommand under
+    p.add_argument("--task", dest="glue_task", required=True, choices=sorted(GLUE_TASKS))
     _finetune_args(p, GLUE_DEFAULTS)
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (pair) incl. [CLS]/[SEP]")
     p.add_argument("--dropout", type=float, default=0.1, help="before the classification layer")

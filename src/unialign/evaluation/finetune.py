@@ -3,9 +3,9 @@
 The SPEC fixes the heads, not the recipes: images use the mean of the patch tokens of the
 shared block's output -> LayerNorm -> Linear; text uses the CLS token -> pooler
 (Linear + tanh) -> Linear (see `glue.py`). Both encoders run through the shared block, as
-in retrieval, because that block is part of what the method trains. The defaults below
-are common ViT / BERT fine-tuning choices (documented in docs/EVALUATION.md), not the
-author's recipe, which the SPEC does not give.
+in retrieval, because that block is part of what the method trains. The default recipes
+(`specs.FinetuneConfig`, `specs.GLUE_DEFAULTS`) are common ViT / BERT fine-tuning choices,
+documented in docs/EVALUATION.md, not the author's recipes, which the SPEC does not give.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from ..model.smke import SMKE
 from ..training.module import NO_DECAY_NAMES
 from .classification import (ClassificationSet, LabelledImages, classification_metrics, collate_labelled,
                              default_dataset_name, read_classification)
-from .specs import EvalError, FinetuneConfig
 from .run import default_device, result_header
+from .specs import EvalError, FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def finetune_image(checkpoint: str | Path, train_dataset: str | Path, test_datas
 
     def loss_of(batch: tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]) -> torch.Tensor | None:
         indices, pixels, bad = batch
-        skipped.update({f"{train.source}[{i}]": reason for i, reason in bad})
+        skipped.update({train.describe(i): reason for i, reason in bad})
         if pixels is None:
             return None
         labels = torch.tensor([train.labels[i] for i in indices], device=dev)
@@ -165,7 +165,7 @@ def finetune_image(checkpoint: str | Path, train_dataset: str | Path, test_datas
     def evaluate() -> dict[str, Any]:
         logits, labels = [], []
         for indices, pixels, bad in tqdm(test_loader, desc="test", unit="batch", disable=not progress):
-            skipped.update({f"{test.source}[{i}]": reason for i, reason in bad})
+            skipped.update({test.describe(i): reason for i, reason in bad})
             if pixels is not None:
                 logits.append(module(pixels.to(dev)).float().cpu())
                 labels += [test.labels[i] for i in indices]

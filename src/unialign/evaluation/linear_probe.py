@@ -38,10 +38,14 @@ class LinearClassifier:
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 1000,
                  init: LinearClassifier | None = None) -> LinearClassifier:
-    """Minimise mean CE + l2/2 ||W||^2 with full-batch L-BFGS (strong Wolfe), from `init` if given (warm start)."""
+    """Minimise mean CE + l2/2 ||W||^2 with full-batch L-BFGS (strong Wolfe), from `init` if given (warm start).
+
+    float64 on the CPU (exact enough to match scikit-learn), float32 on accelerators (ImageNet-sized
+    feature sets must fit in their memory).
+    """
     if x.ndim != 2 or y.shape != (x.shape[0],):
         raise ValueError(f"need features (N, D) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
-    x = x.double()
+    x = x.to(torch.float64 if x.device.type == "cpu" else torch.float32)
     y = y.to(x.device)
     weight = (init.weight.clone() if init else torch.zeros(num_classes, x.shape[1])).to(x).requires_grad_(True)
     bias = (init.bias.clone() if init else torch.zeros(num_classes)).to(x).requires_grad_(True)

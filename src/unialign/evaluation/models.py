@@ -161,6 +161,8 @@ class HFEvalModel(EvalModel):
         self.tokenizer = tokenizer
         text_config = getattr(model.config, "text_config", model.config)
         self.max_length = int(getattr(text_config, "max_position_embeddings", 77))
+        # SigLIP was trained on texts padded to full length and pools the last token: pad the same way
+        self.padding: bool | str = "max_length" if "siglip" in str(model.config.model_type) else True
         self.name = name
         self.width = int(getattr(model.config, "projection_dim", 0) or text_config.hidden_size)
         self.device = device
@@ -170,7 +172,7 @@ class HFEvalModel(EvalModel):
         return F.normalize(_features(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+        out = self.tokenizer(list(texts), padding=self.padding, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         return {k: out[k] for k in ("input_ids", "attention_mask") if k in out}
 

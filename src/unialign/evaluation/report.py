@@ -37,8 +37,38 @@ def published_results() -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+# CLIP_benchmark's dataset names -> the report's
+_CLIP_BENCHMARK_DATASETS = {"mscoco_captions": "coco", "flickr30k": "flickr30k", "imagenet1k": "imagenet1k",
+                            "cifar10": "cifar10", "cifar100": "cifar100"}
+
+
+def from_clip_benchmark(item: dict[str, Any]) -> dict[str, Any]:
+    """A CLIP_benchmark result (`{"task": "zeroshot_retrieval", "metrics": {...}, ...}`) in unialign's layout,
+    so baselines evaluated there sit in the same tables (fractions become percent)."""
+    metrics = item["metrics"]
+    out: dict[str, Any] = {
+        "model": f"{item.get('model')} {item.get('pretrained')}".strip(),
+        "dataset": _CLIP_BENCHMARK_DATASETS.get(item.get("dataset", ""), item.get("dataset")),
+        "source_format": "clip_benchmark",
+    }
+    if item["task"] == "zeroshot_retrieval":
+        out["task"] = "retrieval"
+        for key, value in metrics.items():
+            side, _, k = key.partition("_retrieval_recall@")
+            if k.isdigit():  # text retrieval = image->text (TR), image retrieval = text->image (IR)
+                out[f"{'txt' if side == 'text' else 'img'}_r{k}"] = 100.0 * value
+    else:
+        out["task"] = "zeroshot"
+        out.update({"top1": 100.0 * metrics["acc1"], "top5": 100.0 * metrics["acc5"],
+                    "mean_per_class_recall": 100.0 * metrics["mean_per_class_recall"]})
+    return out
+
+
 def read_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Result objects from each file (a file may hold one object or a list), checked for task/model/dataset."""
+    """Result objects from each file (a file may hold one object or a list), checked for task/model/dataset.
+
+    CLIP_benchmark's zero-shot retrieval / classification JSONs are accepted too (converted).
+    """
     results = []
     for path in paths:
         path = Path(path)
@@ -53,6 +83,9 @@ def read_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
             where = f"{path}" + (f"[{i}]" if isinstance(data, list) else "")
             if not isinstance(item, dict):
                 raise EvalError(f"result file {where}: expected a JSON object, got {type(item).__name__}")
+            if isinstance(item.get("metrics"), dict) and item.get("task") in ("zeroshot_retrieval",
+                                                                                "zeroshot_classification"):
+                item = from_clip_benchmark(item)
             for key in ("task", "model", "dataset"):
                 if not isinstance(item.get(key), str) or not item[key]:
                     raise EvalError(f"result file {where}: field '{key}' is missing or not a string "
@@ -112,7 +145,9 @@ def retrieval_section(results: list[dict[str, Any]], published: dict[str, Any]) 
                 continue
             flag = ""
             expected = RETRIEVAL_PROTOCOL.get(d, (None, None))[1]
-            if expected and (r.get("n_images"), r.get("n_captions")) != expected:
+            if expected and r.get("n_images") is None:
+                notes.append(f"{model} on {d}: gallery size not recorded ({r['file']})")
+            elif expected and (r.get("n_images"), r.get("n_captions")) != expected:
                 flag = " *"
                 notes.append(f"{model} on {d}: {r.get('n_images')} images / {r.get('n_captions')} captions, "
                              f"not the paper's {expected[0]} / {expected[1]} ({r['file']})")

@@ -11,6 +11,7 @@ import torch
 
 from ..data.records import RetrievalSet, read_karpathy_eval, read_manifest, retrieval_set
 from .retrieval import retrieval_metrics
+from .specs import EvalError
 
 if TYPE_CHECKING:
     from .models import EvalModel
@@ -37,7 +38,7 @@ def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, w
     with their captions and counted."""
     image_emb, kept, skipped = model.encode_images(data.images, batch_size, num_workers, progress)
     if not kept:
-        raise ValueError(f"no readable image in {where}")
+        raise EvalError(f"no readable image in {where}")
     new_index = {old: new for new, old in enumerate(kept)}
     captions = [(c, new_index[i]) for c, i in zip(data.captions, data.caption_to_image) if i in new_index]
     text_emb = model.encode_texts([c for c, _ in captions], progress=progress)
@@ -76,10 +77,10 @@ def evaluate_retrieval_model(model: EvalModel, karpathy: str | Path | None = Non
     one file form one gallery image.
     """
     if (karpathy is None) == (manifest is None):
-        raise ValueError("give exactly one of karpathy (with images) or manifest")
+        raise EvalError("give exactly one of karpathy (with images) or manifest")
     if karpathy is not None:
         if images is None:
-            raise ValueError(f"--images (the root of {karpathy}'s filepath/filename) is required with --karpathy")
+            raise EvalError(f"--images (the root of {karpathy}'s filepath/filename) is required with --karpathy")
         data = read_karpathy_eval(karpathy, images, split)
         source, used_split, where = karpathy, split, f"split {split!r} of {karpathy}"
     else:
