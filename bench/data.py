@@ -11,8 +11,10 @@ Measured in one run, on the same shards:
   (0.9-1.0, bicubic) + flip + normalise to float, tokenising, collating; pinned when CUDA is
   present) with N DataLoader workers. ``unialign_w0`` (one process) is the baseline.
 - ``pil_decode_only``: one process, PIL decode to RGB, nothing else (the floor of the decode cost).
-- ``pil_draft_decode``: one process, PIL decode with ``Image.draft`` (JPEG DCT-domain downscaling
-  to >= the crop size) + the same augmentation; NOT what unialign does today, a candidate.
+- ``pil_decode_augment``: one process, unialign's decode + augmentation only (no shard reading,
+  shuffling, tokenising, collating): the pipeline's per-image floor, and what the rest costs.
+- ``pil_draft_decode_augment``: the same with PIL's ``Image.draft`` (JPEG DCT-domain downscaling,
+  never below the crop size); NOT what unialign does today, a candidate for large photos.
 - ``gpu_nvjpeg`` (only with CUDA): raw JPEG bytes read from the shards, decoded in batches by
   ``torchvision.io.decode_jpeg(device="cuda")``, random-resized-crop + flip + normalise on the
   GPU; NOT wired into training, a candidate.
@@ -160,30 +162,44 @@ def pil_decode_only(jpegs: list[bytes]) -> dict[str, Any]:
     return {"images_per_s": round(len(jpegs) / (time.perf_counter() - t0), 1), "images_timed": len(jpegs)}
 
 
-def pil_draft_decode(jpegs: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
-    """Decode at reduced DCT scale (never below the crop size), then the training augmentation."""
+def pil_decode_augment(jpegs: list[bytes], args: argparse.Namespace, draft: bool) -> dict[str, Any]:
+    """unialign's decode + training augmentation on in-memory JPEGs, nothing else (no shard reading,
+    shuffling, per-sample RNG, tokenising or collating); ``draft`` decodes at a reduced DCT scale
+    (never below the crop size)."""
     from PIL import Image
 
+    from unialign.data.images import load_image
     from unialign.data.transforms import build_image_transform
 
     transform = build_image_transform(args.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), train=True)
     t0 = time.perf_counter()
     for b in jpegs:
-        with Image.open(io.BytesIO(b)) as img:
-            img.draft("RGB", (args.image_size, args.image_size))
-            transform(img.convert("RGB"))
-    return {"images_per_s": round(len(jpegs) / (time.perf_counter() - t0), 1), "images_timed": len(jpegs),
-            "note": "candidate, not used by unialign: PIL JPEG draft mode (DCT-domain downscale)"}
+        if draft:
+            with Image.open(io.BytesIO(b)) as img:
+                img.draft("RGB", (args.image_size, args.image_size))
+                transform(img.convert("RGB"))
+        else:
+            transform(load_image(b))
+    out = {"images_per_s": round(len(jpegs) / (time.perf_counter() - t0), 1), "images_timed": len(jpegs)}
+    if draft:
+        out["note"] = ("candidate, not used by unialign: PIL JPEG draft mode (DCT-domain downscale by 1/2, 1/4, "
+                       "1/8 while the image stays >= the crop size; no gain below 2x the crop size)")
+    return out
 
 
-def gpu_nvjpeg(urls: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
-    if not torch.cuda.is_available():
+def gpu_nvjpeg(urls: str, n: int, args: argparse.Namespace, device: str = "cuda") -> dict[str, Any]:
+    """``device="cpu"`` runs the same code with torchvision's CPU decoder (to check it without a GPU)."""
+    if device == "cuda" and not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
     import torchvision
     from torchvision.transforms.v2 import functional as TF
 
-    mean = torch.tensor([0.485, 0.456, 0.406], device="cuda").view(3, 1, 1) * 255
-    std = torch.tensor([0.229, 0.224, 0.225], device="cuda").view(3, 1, 1) * 255
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(3, 1, 1) * 255
     gen = torch.Generator().manual_seed(0)
     size = args.image_size
 
@@ -202,7 +218,7 @@ def gpu_nvjpeg(urls: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
         _, h, w = img.shape
         area = h * w * float(torch.empty(1).uniform_(0.9, 1.0, generator=gen))
         ratio = float(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3), generator=gen).exp())
-        cw, ch = min(w, int(round((area * ratio) ** 0.5))), min(h, int(round((area / ratio) ** 0.5)))
+        cw, ch = min(w, round((area * ratio) ** 0.5)), min(h, round((area / ratio) ** 0.5))
         top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
         left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
         out = TF.resized_crop(img, top, left, ch, cw, [size, size], interpolation=TF.InterpolationMode.BICUBIC,
@@ -213,15 +229,16 @@ def gpu_nvjpeg(urls: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
 
     count, t0, t_first = 0, None, time.perf_counter()
     for raw in batches():
-        imgs = torchvision.io.decode_jpeg(raw, device="cuda")
+        imgs = torchvision.io.decode_jpeg(raw, device=device)
         pixels = (torch.stack([augment(i) for i in imgs]).float() - mean) / std
+        assert pixels.shape[1:] == (3, size, size)
         if t0 is None:
-            torch.cuda.synchronize()
+            sync()
             t_first = time.perf_counter() - t_first
             t0 = time.perf_counter()
             continue
         count += len(pixels)
-    torch.cuda.synchronize()
+    sync()
     elapsed = time.perf_counter() - (t0 or time.perf_counter())
     return {"images_per_s": round(count / elapsed, 1) if count else None, "images_timed": count,
             "startup_and_first_batch_s": round(t_first, 2),
@@ -239,6 +256,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=None, help="default 256 (16 with --small)")
     p.add_argument("--workers", default=None, help="comma list (default 0,2,4,8,... up to the core count)")
     p.add_argument("--shuffle-buffer", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads of this process (default 1, what each DataLoader worker uses: "
+                        "per-image tensor ops only lose from more, and w0 then measures one core)")
     p.add_argument("--workdir", default=None, help="where the shards go (default: a temp dir); reused if present")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -249,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.image_size = args.image_size or (64 if small else 224)
     args.batch = args.batch or (16 if small else 256)
     cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(args.threads)
     if args.workers:
         workers = [int(w) for w in args.workers.split(",")]
     elif small:
@@ -262,7 +283,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"bench": "data", "small": small, "device": info["gpu"] or f"CPU ({info['cpu']})",
                               "machine": info, "images": n, "shards": n_shards, "jpeg_size": f"{width}x{height}",
                               "image_size": args.image_size, "batch": args.batch, "precision": "float32 pixels",
-                              "baseline": "unialign_w0", "needed_pairs_per_s_for_1h_spec_run": round(NEEDED_PAIRS_PER_S),
+                              "main_process_threads": args.threads,
+                              "baseline": "unialign_w0",
+                              "needed_pairs_per_s_for_1h_spec_run": round(NEEDED_PAIRS_PER_S),
                               "results": {}}
     print(f"device: {result['device']} ({cores} cores) | batch {args.batch} | {n} JPEGs {width}x{height} in "
           f"{n_shards} shards -> {args.image_size}px crops | precision: float32 normalised pixels")
@@ -277,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res = result["results"]
         jpegs = _raw_jpegs(urls, min(n, 512))
         res["pil_decode_only"] = pil_decode_only(jpegs)
-        res["pil_draft_decode"] = pil_draft_decode(jpegs, args)
+        res["pil_decode_augment"] = pil_decode_augment(jpegs, args, draft=False)
+        res["pil_draft_decode_augment"] = pil_decode_augment(jpegs, args, draft=True)
         for w in workers:
             res[f"unialign_w{w}"] = unialign_pipeline(urls, n, w, args, tok)
         res["gpu_nvjpeg"] = gpu_nvjpeg(urls, n, args)
@@ -286,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rate = r.get("images_per_s")
         if rate and base:
             r["x_baseline"] = round(rate / base, 2)
-        print(f"  {name:18s} " + (f"{rate:9.1f} images/s" if rate else f"{r.get('skipped', 'n/a')}")
+        print(f"  {name:26s} " + (f"{rate:9.1f} images/s" if rate else f"{r.get('skipped', 'n/a')}")
               + (f"  ({r['x_baseline']}x unialign_w0)" if "x_baseline" in r else ""))
     print(f"a 1-hour SPEC run needs {NEEDED_PAIRS_PER_S:,.0f} pairs/s")
     if args.json:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import TINY_BERT, machine, unialign_config  # noqa: E402
+from train_step import TINY_BERT, machine, unialign_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -117,7 +117,8 @@ def run(model: Any, preprocess: Any, tokenizer: Any, paths: list[str], captions:
     assert len(kept) == len(paths) and not skipped
     out.update({"images_s": round(t1 - t0, 3), "texts_s": round(t2 - t1, 3), "ranking_s": round(t3 - t2, 3),
                 "total_s": round(t3 - t0, 3), "images_per_s": round(len(paths) / (t1 - t0), 1),
-                "captions_per_s": round(len(captions) / (t2 - t1), 1), "r_mean_random_weights": round(metrics["r_mean"], 3)})
+                "captions_per_s": round(len(captions) / (t2 - t1), 1),
+                "r_mean_random_weights": round(metrics["r_mean"], 3)})
     return out
 
 
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for precision in args.precisions.split(","):
             r = run(model, preprocess, tokenizer, paths, captions, owner, args, device, precision)
             result["runs"][precision] = r
-            print(f"  {precision:5s} images {r['images_s']:.2f} s ({r['images_per_s']:.0f}/s), texts {r['texts_s']:.2f} s "
+            print(f"  {precision:5s} images {r['images_s']:.2f} s ({r['images_per_s']:.0f}/s), "
+                  f"texts {r['texts_s']:.2f} s "
                   f"({r['captions_per_s']:.0f}/s), ranking {r['ranking_s']:.2f} s, total {r['total_s']:.2f} s")
     base = result["runs"].get("fp32", {}).get("total_s")
     for r in result["runs"].values():

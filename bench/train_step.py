@@ -19,8 +19,9 @@ Every model has random weights of the real shapes, built offline (no download):
   BERT-base (12 layers) dual encoder, linear projections to 512, CLIP loss; bf16, SDPA, fused AdamW.
 - ``openclip-vit-b16`` (when open_clip is installed): open_clip's ``ViT-B-16`` (its own 12-layer,
   512-wide text transformer, 77 tokens), bf16, fused AdamW. For reference.
-- ``--compile`` adds ``unialign-bf16-cached-compiled`` and ``unialign-bf16-online-compiled``
-  (``train.compile``: towers, shared block and teacher through torch.compile).
+- ``--compile`` adds a ``-compiled`` twin of each selected unialign variant (``train.compile``:
+  towers, shared block and teacher through torch.compile; its first step, the compile, is
+  reported as ``first_step_s``).
 
 Reported per variant: pairs/s, step time, a per-phase breakdown (data = host->device copy of a
 pinned batch [+ cache lookup]; teacher forward; student forward incl. losses; backward;
@@ -45,7 +46,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -465,11 +467,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device, workd
 
     if teacher is not None and not spec["compiled"]:
         spec["teacher_images_per_s"] = teacher_throughput(teacher, host[0]["image"], device, amp_dtype, args)
-    del model, opt, losses
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return spec
+    return spec  # the model, optimizer and batches go with this frame; main() collects them
 
 
 @torch.no_grad()
@@ -501,7 +499,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 1 with --small)")
     p.add_argument("--variants", default="unialign-bf16-online,unialign-bf16-cached,author-fp16-eager,"
                                          "clip-vit-b16-bert-base,openclip-vit-b16")
-    p.add_argument("--compile", action="store_true", help="add the torch.compile variants")
+    p.add_argument("--compile", action="store_true",
+                   help="add a torch.compile twin (train.compile) of each selected unialign variant")
     p.add_argument("--cache-rows", type=int, default=None, help="rows of the synthetic teacher cache "
                    "(default 2,811,408 = the SPEC's images, 4.3 GB fp16; 1,000 with --small)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
@@ -518,8 +517,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.cache_rows = args.cache_rows or (1000 if small else SPEC_IMAGES)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     variants = [v for v in args.variants.split(",") if v]
-    if args.compile:
-        variants += ["unialign-bf16-cached-compiled", "unialign-bf16-online-compiled"]
+    if args.compile:  # a compiled twin of each selected unialign variant
+        variants += [f"{v}-compiled" for v in variants if v.startswith("unialign-") and not v.endswith("compiled")]
     try:
         import open_clip  # noqa: F401
     except ImportError:
@@ -536,7 +535,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "baseline": {"author": "author-fp16-eager", "clip": "clip-vit-b16-bert-base"},
     }
     print(f"device: {result['device']} | batch {args.batch} | text length {args.text_len} | "
-          f"{args.steps} timed steps after {args.warmup} warm-up | {'SMALL (tiny shapes)' if small else 'paper shapes'}")
+          f"{args.steps} timed steps after {args.warmup} warm-up | "
+          f"{'SMALL (tiny shapes)' if small else 'paper shapes'}")
     with workdir_ctx as wd:
         workdir = Path(wd)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -544,13 +544,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"-- {name} ...", flush=True)
             try:
                 spec = run_variant(name, args, device, workdir)
-            except Exception as err:  # one failing variant must not lose the others
+            except Exception as err:  # noqa: BLE001 - one failing variant (e.g. out of memory) must not lose the others
                 import traceback
 
                 traceback.print_exc()
                 spec = {"name": name, "error": f"{type(err).__name__}: {err}"[:500]}
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             result["variants"][name] = spec
             if "error" not in spec:
                 b = spec["breakdown_ms"]
@@ -573,12 +574,12 @@ def summarize(result: dict[str, Any]) -> None:
     rate = {k: s["pairs_per_s"] for k, s in v.items()}
     summary: dict[str, Any] = {}
     author, clip = result["baseline"]["author"], result["baseline"]["clip"]
-    for name in rate:
+    for name, value in rate.items():
         row = {}
         if author in rate and name != author:
-            row["x_author"] = round(rate[name] / rate[author], 3)
+            row["x_author"] = round(value / rate[author], 3)
         if clip in rate and name != clip:
-            row["x_clip"] = round(rate[name] / rate[clip], 3)
+            row["x_clip"] = round(value / rate[clip], 3)
         if row:
             summary[name] = row
     result["speedups"] = summary

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .search.cli import register as register_search
 
     register_search(sub)
+
+    from .training.teacher_cache import register as register_teacher_cache
+
+    register_teacher_cache(sub)
     return parser
 
 

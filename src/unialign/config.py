@@ -176,7 +176,8 @@ class TrainConfig(_Strict):
     log_every_steps: int = Field(50, ge=1)
     loggers: list[Literal["csv", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["csv"])
     progress_bar: bool = True
-    compile: bool = False  # torch.compile the towers and shared block(s) (nn.Module.compile: same state_dict keys)
+    # torch.compile the towers, shared block(s) and online teacher (in place: same state_dict keys)
+    compile: bool = False
 
 
 class Config(_Strict):

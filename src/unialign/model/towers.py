@@ -158,7 +158,13 @@ class TextTower(nn.Module):
         self.hf_config = model.config.to_dict()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # A ready 4-D mask: given a 2-D one, transformers reads it on the host to see whether it
+        # can be dropped (a device sync every step and a graph break under torch.compile).
+        if self.model.config._attn_implementation == "sdpa":
+            mask = attention_mask.bool()[:, None, None, :]
+        else:
+            mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
 
 def _text_model_from_pretrained(name: str) -> nn.Module:

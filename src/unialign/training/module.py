@@ -220,6 +220,14 @@ class SMKETraining(L.LightningModule):
 
     # ---------------------------------------------------------------------------- optimiser
 
+    def _fused_adamw(self) -> bool:
+        """Fused AdamW on CUDA (one kernel; with fp16 it also checks inf/NaN on the device, no sync),
+        except with gradient clipping under mixed precision: a fused optimizer unscales inside its
+        step, after the point where Lightning clips, and Lightning refuses the combination (for
+        bf16-mixed too)."""
+        t = self.cfg.train
+        return self.device.type == "cuda" and not (t.grad_clip and t.precision != "32-true")
+
     def configure_optimizers(self) -> dict[str, Any]:
         t = self.cfg.train
         decay, no_decay = [], []
@@ -234,7 +242,7 @@ class SMKETraining(L.LightningModule):
         lr = t.base_lr * global_batch / 256 if t.scale_lr else t.base_lr
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=t.betas, eps=t.eps, fused=self.device.type == "cuda",
+            lr=lr, betas=t.betas, eps=t.eps, fused=self._fused_adamw(),
         )
         self.trainer.estimated_stepping_batches  # sets up the train loader so its length is known
         steps_per_epoch = math.ceil(self.trainer.num_training_batches / t.accumulate_grad_batches)

@@ -141,9 +141,12 @@ class TeacherCache:
         self.ids = ids
         self.targets = targets
         self.dim = int(targets.shape[1])
+        bad = self.path / BAD
+        # Images that could not be read when the cache was built: training skips them too.
+        self.unreadable = {line.split("\t", 1)[0] for line in bad.read_text().splitlines()} if bad.is_file() else set()
 
     @classmethod
-    def open(cls, path: str | Path, cfg: Config | None = None, warm: bool = True) -> "TeacherCache":
+    def open(cls, path: str | Path, cfg: Config | None = None, warm: bool = True) -> TeacherCache:
         """Open ``path``; with ``cfg``, fail unless it was built for that config's teacher and view."""
         path = Path(path)
         meta_file = path / META
@@ -224,6 +227,8 @@ class TeacherCache:
             return
         ids = np.fromiter((r.image_id for r in records), dtype=np.int64, count=len(records))
         absent = self.missing(ids)
+        if absent.any() and self.unreadable:
+            absent &= np.array([r.image not in self.unreadable for r in records])
         if absent.any():
             i = int(np.flatnonzero(absent)[0])
             n = len(np.unique(ids[absent]))
@@ -393,8 +398,10 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
     parts.mkdir(parents=True, exist_ok=True)
 
     units = _plan(cfg, chunk_size)
+    # What each unit holds (shard URL, or a digest of its images): parts of another plan never mix.
     plan = {"identity": identity, "dtype": dtype, "chunk_size": chunk_size,
-            "units": [[u.key, u.url or len(u.items)] for u in units]}
+            "units": [[u.key, u.url or hashlib.blake2b(repr(u.items).encode(), digest_size=8).hexdigest()]
+                      for u in units]}
     plan_file = parts / "plan.json"
     if plan_file.is_file():
         old = json.loads(plan_file.read_text())
@@ -443,7 +450,7 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
                     ids=np.concatenate(state["ids"]) if state["ids"] else np.zeros(0, np.int64),
                     targets=np.concatenate(state["targets"]) if state["targets"] else np.zeros((0, dim),
                                                                                             _DTYPES[dtype]),
-                    bad=np.array(["\t".join(b) for b in state["bad"]], dtype=str))
+                    bad=np.array(["\t".join(" ".join(str(x).split()) for x in b) for b in state["bad"]], dtype=str))
         bar.close()
     missing_units = [u.key for u in units if not (parts / f"{u.key}.npz").is_file()]
     if missing_units:
@@ -490,7 +497,7 @@ def _assemble(output: Path, units: Sequence[_Unit], identity: dict[str, Any], dt
     os.replace(tmp_ids, output / IDS)
     _atomic_write_text(output / BAD, "".join(line + "\n" for line in bad))
     duplicates = len(all_ids) - len(ids)
-    meta = {"format": FORMAT, "version": VERSION, "identity": identity, "count": int(len(ids)), "dim": int(dim or 0),
+    meta = {"format": FORMAT, "version": VERSION, "identity": identity, "count": len(ids), "dim": int(dim or 0),
             "dtype": dtype, "teacher_precision": precision, "view": "eval (resize to image_size, no crop, no flip)",
             "skipped_unreadable": len(bad), "duplicate_ids_dropped": int(duplicates)}
     _atomic_write_text(output / META, json.dumps(meta, indent=2))
