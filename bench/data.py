@@ -30,7 +30,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,23 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from unialign.machine import machine_info
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 NEEDED_PAIRS_PER_S = 7 * 3_264_868 / 3600
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version(), "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         while w <= cores:
             workers.append(w)
             w *= 2
-    info = machine()
+    info = machine_info()
     result: dict[str, Any] = {"bench": "data", "small": small, "device": info["gpu"] or f"CPU ({info['cpu']})",
                               "machine": info, "images": n, "shards": n_shards, "jpeg_size": f"{width}x{height}",
                               "image_size": args.image_size, "batch": args.batch, "precision": "float32 pixels",

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import TINY_BERT, machine, unialign_config
+from train_step import TINY_BERT, unialign_config
+
+from unialign.machine import machine_info
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0))
     args.num_workers = args.num_workers if args.num_workers is not None else (0 if small else cores)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    info = machine()
+    info = machine_info()
     result: dict[str, Any] = {"bench": "eval", "small": small, "device": info["gpu"] or f"CPU ({info['cpu']})",
                               "machine": info, "images": n, "captions": n * args.captions_per_image,
                               "jpeg_size": f"{width}x{height}", "batch": args.batch, "text_batch": args.text_batch,

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import threading
@@ -28,26 +26,7 @@ from typing import Any
 
 import numpy as np
 
-
-def machine() -> dict[str, Any]:
-    """CPU model and core count, so numbers are never quoted without the machine."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        gpu = None
-    # Other work on the machine skews latency: the load average says whether a run was quiet.
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": gpu, "python": platform.python_version(),
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
+from unialign.machine import machine_info
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
@@ -105,7 +84,7 @@ def bench_ann(args: argparse.Namespace) -> dict[str, Any]:
 
     from unialign.search import ann
 
-    host = machine()
+    host = machine_info()
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     if args.vectors:
@@ -252,7 +231,7 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
 
     import httpx
 
-    host = machine()
+    host = machine_info()
     with tempfile.TemporaryDirectory() as tmp:
         index = Path(args.index) if args.index else tiny_index(Path(tmp), args.images)
         port = _free_port()

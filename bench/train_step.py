@@ -41,7 +41,6 @@ import gc
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -51,6 +50,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from unialign.machine import machine_info
 import torch.nn.functional as F
 from torch import nn
 
@@ -66,21 +67,6 @@ BANK = 65_536
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
 TINY_BERT = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256,
              "vocab_size": 1000, "max_position_embeddings": 128}
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": gpu, "torch": torch.__version__,
-            "cuda": torch.version.cuda if gpu else None, "python": platform.python_version(),
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,8 +515,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     workdir_ctx = contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()
     result: dict[str, Any] = {
-        "bench": "train_step", "small": small, "device": machine()["gpu"] or f"CPU ({machine()['cpu']})",
-        "machine": machine(), "batch": args.batch, "text_len": args.text_len, "steps": args.steps,
+        "bench": "train_step", "small": small, "device": machine_info()["gpu"] or f"CPU ({machine_info()['cpu']})",
+        "machine": machine_info(), "batch": args.batch, "text_len": args.text_len, "steps": args.steps,
         "warmup": args.warmup, "peak_tflops_reference": args.peak_tflops, "variants": {},
         "baseline": {"author": "author-fp16-eager", "clip": "clip-vit-b16-bert-base"},
     }
