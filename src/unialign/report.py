@@ -20,13 +20,15 @@ MATPLOTLIB_INSTALL = "pip install matplotlib"
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, usable cores, GPU and the 1-minute load average at the time of the call."""
+    """CPU model, usable cores, whether it is a VM, GPU, and the 1-minute load average now."""
     cpu = platform.processor() or "unknown"
+    vm = False
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags"):
+                vm = "hypervisor" in line.split()
     except OSError:
         pass
     import torch
@@ -34,15 +36,16 @@ def machine_info() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": cores, "gpu": gpu, "torch": torch.__version__,
+    return {"cpu": cpu, "cores": cores, "vm": vm, "gpu": gpu, "torch": torch.__version__,
             "python": platform.python_version(), "loadavg_1m": load}
 
 
-def describe_machine(info: dict[str, Any]) -> str:
-    """One line naming the machine, e.g. for a report header."""
+def describe_machine(info: dict[str, Any], load: bool = True) -> str:
+    """One line naming the machine, e.g. for a report header; `load` adds the load average
+    (meaningful only for a measurement taken right then)."""
     device = f"GPU {info['gpu']}" if info.get("gpu") else "no GPU"
-    return (f"{info['cores']}-core CPU ({info['cpu']}), {device}, torch {info['torch']}, "
-            f"1-min load average {info['loadavg_1m']}")
+    line = f"{info['cores']}-core CPU{' VM' if info.get('vm') else ''} ({info['cpu']}), {device}, torch {info['torch']}"
+    return f"{line}, 1-min load average {info['loadavg_1m']}" if load else line
 
 
 def chance_recalls(captions_per_image: Sequence[int]) -> dict[str, float]:
