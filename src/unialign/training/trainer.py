@@ -134,4 +134,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
         tmp = output / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         tmp.replace(output / "summary.json")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Lightning leaves the process group up; a gloo group torn down at interpreter exit can
+        # abort the process ("terminate called without an active exception") after a good run.
+        torch.distributed.destroy_process_group()
     return summary
