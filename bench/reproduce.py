@@ -50,11 +50,11 @@ from unialign.demo import (
     steps_per_run,
     with_teacher_cache,
 )
+from unialign.machine import machine_info
 from unialign.report import (
     RECALL_HEADERS,
     RECALL_KEYS,
     describe_machine,
-    machine_info,
     markdown_table,
     plot_recalls,
 )

@@ -41,12 +41,12 @@ from tqdm import tqdm
 
 from .assets import check_assets
 from .config import Config
+from .machine import machine_info
 from .report import (
     RECALL_HEADERS,
     RECALL_KEYS,
     chance_recalls,
     describe_machine,
-    machine_info,
     markdown_table,
     plot_recalls,
 )

@@ -8,8 +8,6 @@ so the helpers live in one place.
 from __future__ import annotations
 
 import math
-import os
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,27 +15,6 @@ from typing import Any
 RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 RECALL_HEADERS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "mean")
 MATPLOTLIB_INSTALL = "pip install matplotlib"
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, usable cores, whether it is a VM, GPU, and the 1-minute load average now."""
-    cpu = platform.processor() or "unknown"
-    vm = False
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                vm = "hypervisor" in line.split()
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": cores, "vm": vm, "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version(), "loadavg_1m": load}
 
 
 def describe_machine(info: dict[str, Any], load: bool = True) -> str:
