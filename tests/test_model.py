@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, ViTConfig, ViTModel
+from transformers import AutoModel, Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
 from conftest import TINY_VIT
 from unialign.config import TeacherConfig
@@ -68,6 +68,20 @@ def test_hf_image_tower_truncation(tmp_path):
         if name in kept:
             assert torch.equal(p, kept[name]), name
     assert tower(torch.randn(1, 3, 32, 32)).shape == (1, 17, 32)
+
+
+def test_truncated_dinov2_tower_rebuilds_from_its_saved_config(tmp_path):
+    """DINOv2 configs name a backbone stage per layer; a cut tower's config must still build."""
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                       image_size=28, patch_size=14)
+    Dinov2Model(cfg).save_pretrained(tmp_path)
+    tower = build_image_tower("hf", str(tmp_path), pretrained=True, layers=2)
+    assert tower.hf_config["out_features"] == ["stage2"]
+    again = build_image_tower("hf", str(tmp_path), pretrained=False, hf_config=tower.hf_config)
+    again.load_state_dict(tower.state_dict())
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(tower.eval()(x), again.eval()(x))
 
 
 def _model(text_model_dir, **kw) -> SMKE:

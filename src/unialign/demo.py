@@ -265,10 +265,7 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
 def demo_config(assets: DemoAssets, scale: Scale, row: Row) -> dict[str, Any]:
     """The run config of one table row: only the towers' initialisation and the KD switch differ."""
     if assets.image_dir is not None:
-        # out_features: Dinov2 configs name their backbone output stage ("stage12"); a tower cut to
-        # fewer blocks keeps that name and its checkpoint would not load again. "stem" always exists.
-        image: dict[str, Any] = {"backend": "hf", "name": str(assets.image_dir), "pretrained": row.pretrained,
-                                 "kwargs": {"out_features": ["stem"]}}
+        image: dict[str, Any] = {"backend": "hf", "name": str(assets.image_dir), "pretrained": row.pretrained}
         teacher: dict[str, Any] = {"backend": "hf", "name": str(assets.image_dir), "block": scale.teacher_block}
         heads = 6  # ViT-S width 384
     else:

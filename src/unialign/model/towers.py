@@ -53,7 +53,14 @@ def truncate_hf_layers(model: nn.Module, layers: int | list[int], what: str) -> 
     blocks = getattr(parent, attr)
     keep = select_layers(len(blocks), layers, what)
     setattr(parent, attr, nn.ModuleList([blocks[i] for i in keep]))
-    model.config.num_hidden_layers = len(keep)
+    config = model.config
+    config.num_hidden_layers = len(keep)
+    if isinstance(getattr(config, "stage_names", None), list) and len(config.stage_names) == len(blocks) + 1:
+        # Backbone-capable configs (DINOv2, BEiT, ViTDet...) name one stage per layer and point
+        # `out_features` at the last one; left as is, the saved config names a stage that no
+        # longer exists and transformers refuses to rebuild the model from it.
+        config.stage_names = config.stage_names[:1] + [f"stage{i}" for i in range(1, len(keep) + 1)]
+        config.set_output_features_output_indices(None, None)
 
 
 class ImageTower(nn.Module):
