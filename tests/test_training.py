@@ -81,6 +81,29 @@ def test_training_learns_and_keeps_teacher_frozen(world, text_model_dir, teacher
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "summary.json").is_file()
 
 
+class ModeProbe(Callback):
+    """Records, before each step, whether the student's dropout layers and the teacher train."""
+
+    def __init__(self) -> None:
+        self.modes: list[tuple[bool, int, bool]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        dropouts = [m for m in pl_module.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        self.modes.append((all(m.training for m in dropouts), len(dropouts),
+                           any(m.training for m in pl_module.teacher.modules())))
+
+
+def test_student_trains_with_dropout_teacher_stays_eval(world, text_model_dir, teacher_checkpoint, tmp_path):
+    # transformers loads the text tower in eval mode; training must switch it (BERT dropout 0.1),
+    # also after a validation pass, and must never switch the teacher.
+    raw = _config(world, text_model_dir, teacher_checkpoint, max_steps=6, val_every_steps=2)
+    raw["data"]["val"] = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world)}
+    probe = ModeProbe()
+    train(parse_config(raw), tmp_path / "run", callbacks=[probe])
+    assert len(probe.modes) == 6
+    assert all(student and n_dropout > 0 and not teacher for student, n_dropout, teacher in probe.modes), probe.modes
+
+
 def test_resume_matches_uninterrupted_run(world, text_model_dir, teacher_checkpoint, tmp_path):
     cfg = parse_config(_config(world, text_model_dir, teacher_checkpoint, epochs=2, checkpoint_every_steps=5))
     full = LossRecorder()

@@ -485,8 +485,7 @@ def quiet_libraries() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")  # smoke runs
-            # transformers loads the towers in eval mode and Lightning keeps it (dropout off;
-            # to be fixed in the training module, not here)
+            # the frozen teacher is in eval mode by design
             warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
             warnings.filterwarnings("ignore", message=".*across ranks is zero.*")  # no validation set
             warnings.filterwarnings("ignore", message=".*on_before_batch_transfer.*")  # teacher-cache lookup

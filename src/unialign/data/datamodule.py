@@ -40,9 +40,10 @@ class _TrainLoader(DataLoader):
     the skip of the next iteration once.
     """
 
-    def __init__(self, *args: Any, epoch_fn: Callable[[], int | None], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, epoch_fn: Callable[[], int | None], seed: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._epoch_fn = epoch_fn
+        self._seed = seed
         self._resume: tuple[int, int] | None = None
 
     @property
@@ -60,6 +61,11 @@ class _TrainLoader(DataLoader):
         if self._resume is not None:
             target.skip(self._resume[1] * self.batch_size)  # type: ignore[operator]
             self._resume = None
+        if self.generator is not None:
+            # Worker seeds come from this generator, never from the global RNG, which belongs to the
+            # model (dropout): a resumed run starts its loader at a point where the uninterrupted run
+            # did not, and a draw from the global RNG there would shift every later dropout mask.
+            self.generator.manual_seed(self._seed * 65_537 + (epoch or 0))
         iterator = super().__iter__()
         if isinstance(target, MixedIterableDataset):
             target.skip(0)  # the iterator (or its workers' copies) has taken the skip
@@ -172,8 +178,11 @@ class RetrievalDataModule(LightningDataModule):
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         on_cuda = (self.trainer.strategy.root_device.type == "cuda" if self.trainer is not None
                    else torch.cuda.is_available())
+        # An own generator: a DataLoader without one draws its workers' base seed from the global
+        # RNG each time it starts, i.e. it would consume the model's dropout stream.
         return {"batch_size": self.batch_size, "num_workers": workers, "pin_memory": on_cuda,
-                "persistent_workers": False, "collate_fn": Collator(self.tokenizer, self.max_length)}
+                "persistent_workers": False, "collate_fn": Collator(self.tokenizer, self.max_length),
+                "generator": torch.Generator().manual_seed(self.seed)}
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, ``drop_last`` batches; rank/world come from the trainer (built with
@@ -188,9 +197,10 @@ class RetrievalDataModule(LightningDataModule):
         if isinstance(dataset, PairDataset):
             sampler = ResumableSampler(len(dataset), shuffle=True, seed=self.seed, rank=rank, world_size=world,
                                        drop_last=True, on_set_epoch=dataset.set_epoch)
-            loader = _TrainLoader(dataset, sampler=sampler, drop_last=True, epoch_fn=self._fit_epoch, **kwargs)
+            loader = _TrainLoader(dataset, sampler=sampler, drop_last=True, epoch_fn=self._fit_epoch, seed=self.seed,
+                                  **kwargs)
         else:
-            loader = _TrainLoader(dataset, drop_last=True, epoch_fn=self._fit_epoch, **kwargs)
+            loader = _TrainLoader(dataset, drop_last=True, epoch_fn=self._fit_epoch, seed=self.seed, **kwargs)
         if len(loader) == 0:
             raise DataError(f"{len(dataset)} training pairs per rank make no full batch of {self.batch_size}")
         self._apply_resume(loader, iterable=isinstance(dataset, MixedIterableDataset))

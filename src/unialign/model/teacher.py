@@ -28,7 +28,7 @@ class Teacher(nn.Module):
         self.backbone: ImageTower = build_image_tower(cfg.backend, cfg.name, cfg.pretrained, cfg.checkpoint,
                                                       layers, cfg.kwargs, keep_final_norm=cfg.after_norm)
         self.backbone.requires_grad_(False)
-        self.backbone.eval()
+        self.eval()
         self.width = self.backbone.width
 
     def train_transform(self, data: DataConfig) -> Callable:

@@ -135,6 +135,12 @@ class SMKETraining(L.LightningModule):
             batch["teacher_target"] = target.pin_memory() if self.device.type == "cuda" else target
         return batch
 
+    def on_fit_start(self) -> None:
+        # transformers loads pretrained towers in eval mode and Lightning keeps every module's
+        # mode, so without this BERT's dropout would stay off for the whole run. (The teacher
+        # ignores it: Teacher.train always sets eval.)
+        self.model.train()
+
     def on_train_start(self) -> None:
         if self.teacher_cache is None:
             return
@@ -263,6 +269,8 @@ class SMKETraining(L.LightningModule):
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
                              "python": random.getstate()}
+        if self.device.type == "cuda":  # dropout on the GPU draws from the device's generator
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("unialign_counters", {})
@@ -274,3 +282,5 @@ class SMKETraining(L.LightningModule):
             kind, keys, pos, has_gauss, cached = rng["numpy"]
             np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
             random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"], torch.cuda.current_device())
