@@ -8,11 +8,15 @@ Measured in one run, on the same shards:
 
 - ``unialign_w{N}``: the training input pipeline itself (``RetrievalDataModule.train_dataloader``
   on a webdataset source: shard reading, seeded shuffle buffer, PIL decode, RandomResizedCrop
-  (0.9-1.0, bicubic) + flip + normalise to float, tokenising, collating; pinned when CUDA is
-  present) with N DataLoader workers. ``unialign_w0`` (one process) is the baseline.
+  (0.9-1.0, bicubic) + flip, uint8 tensors (``data.normalize_on_device``, the default: the float
+  conversion and normalisation run on the GPU after the copy), tokenising, collating; pinned when
+  CUDA is present) with N DataLoader workers. ``unialign_w0`` (one process) is the baseline.
+- ``unialign_float_w0``: the same pipeline normalising to float32 in the loader
+  (``data.normalize_on_device: false``, what unialign did before): what the uint8 path saves.
 - ``pil_decode_only``: one process, PIL decode to RGB, nothing else (the floor of the decode cost).
-- ``pil_decode_augment``: one process, unialign's decode + augmentation only (no shard reading,
-  shuffling, tokenising, collating): the pipeline's per-image floor, and what the rest costs.
+- ``pil_decode_augment``: one process, unialign's decode + augmentation to normalised float only
+  (no shard reading, shuffling, tokenising, collating): the pipeline's per-image floor, and what
+  the rest costs; ``pil_decode_augment_uint8`` stops at uint8 (normalisation left to the GPU).
 - ``pil_draft_decode_augment``: the same with PIL's ``Image.draft`` (JPEG DCT-domain downscaling,
   never below the crop size); NOT what unialign does today, a candidate for large photos.
 - ``gpu_nvjpeg`` (only with CUDA): raw JPEG bytes read from the shards, decoded in batches by
@@ -106,12 +110,13 @@ def tokenizer(workdir: Path) -> Any:
 # Measurements
 
 
-def unialign_pipeline(urls: str, n: int, workers: int, args: argparse.Namespace, tok: Any) -> dict[str, Any]:
+def unialign_pipeline(urls: str, n: int, workers: int, args: argparse.Namespace, tok: Any,
+                      on_device: bool = True) -> dict[str, Any]:
     from unialign.config import DataConfig, WebDatasetSource
     from unialign.data import RetrievalDataModule
 
     cfg = DataConfig(train=[WebDatasetSource(urls=urls, size=n)], image_size=args.image_size, num_workers=workers,
-                     shuffle_buffer=args.shuffle_buffer)
+                     shuffle_buffer=args.shuffle_buffer, normalize_on_device=on_device)
     dm = RetrievalDataModule(cfg, tok, 64, args.batch, seed=0)
     start = time.perf_counter()
     loader = dm.train_dataloader()
@@ -125,7 +130,9 @@ def unialign_pipeline(urls: str, n: int, workers: int, args: argparse.Namespace,
     elapsed = time.perf_counter() - t0
     assert first["image"].shape[1:] == (3, args.image_size, args.image_size)
     return {"images_per_s": round(count / elapsed, 1) if count else None, "images_timed": count,
-            "startup_and_first_batch_s": round(t_first, 2), "pinned": bool(first["image"].is_pinned())}
+            "startup_and_first_batch_s": round(t_first, 2), "pinned": bool(first["image"].is_pinned()),
+            "pixels": str(first["image"].dtype).removeprefix("torch."),
+            "image_batch_mb": round(first["image"].nbytes / 2**20, 1)}
 
 
 def _raw_jpegs(urls: str, limit: int) -> list[bytes]:
@@ -149,16 +156,18 @@ def pil_decode_only(jpegs: list[bytes]) -> dict[str, Any]:
     return {"images_per_s": round(len(jpegs) / (time.perf_counter() - t0), 1), "images_timed": len(jpegs)}
 
 
-def pil_decode_augment(jpegs: list[bytes], args: argparse.Namespace, draft: bool) -> dict[str, Any]:
+def pil_decode_augment(jpegs: list[bytes], args: argparse.Namespace, draft: bool,
+                       normalize: bool = True) -> dict[str, Any]:
     """unialign's decode + training augmentation on in-memory JPEGs, nothing else (no shard reading,
     shuffling, per-sample RNG, tokenising or collating); ``draft`` decodes at a reduced DCT scale
-    (never below the crop size)."""
+    (never below the crop size); ``normalize=False`` stops at uint8."""
     from PIL import Image
 
     from unialign.data.images import load_image
     from unialign.data.transforms import build_image_transform
 
-    transform = build_image_transform(args.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), train=True)
+    transform = build_image_transform(args.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), train=True,
+                                      normalize=normalize)
     t0 = time.perf_counter()
     for b in jpegs:
         if draft:
@@ -269,13 +278,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = machine_info()
     result: dict[str, Any] = {"bench": "data", "small": small, "device": info["gpu"] or f"CPU ({info['cpu']})",
                               "machine": info, "images": n, "shards": n_shards, "jpeg_size": f"{width}x{height}",
-                              "image_size": args.image_size, "batch": args.batch, "precision": "float32 pixels",
+                              "image_size": args.image_size, "batch": args.batch,
+                              "precision": "uint8 pixels (unialign_float_w0: float32)",
                               "main_process_threads": args.threads,
                               "baseline": "unialign_w0",
                               "needed_pairs_per_s_for_1h_spec_run": round(NEEDED_PAIRS_PER_S),
                               "results": {}}
     print(f"device: {result['device']} ({cores} cores) | batch {args.batch} | {n} JPEGs {width}x{height} in "
-          f"{n_shards} shards -> {args.image_size}px crops | precision: float32 normalised pixels")
+          f"{n_shards} shards -> {args.image_size}px crops | pixels: uint8, float32 for *float*")
     ctx = nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()
     with ctx as wd:
         root = Path(wd)
@@ -288,7 +298,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         jpegs = _raw_jpegs(urls, min(n, 512))
         res["pil_decode_only"] = pil_decode_only(jpegs)
         res["pil_decode_augment"] = pil_decode_augment(jpegs, args, draft=False)
+        res["pil_decode_augment_uint8"] = pil_decode_augment(jpegs, args, draft=False, normalize=False)
         res["pil_draft_decode_augment"] = pil_decode_augment(jpegs, args, draft=True)
+        res["unialign_float_w0"] = unialign_pipeline(urls, n, 0, args, tok, on_device=False)
         for w in workers:
             res[f"unialign_w{w}"] = unialign_pipeline(urls, n, w, args, tok)
         res["gpu_nvjpeg"] = gpu_nvjpeg(urls, n, args)

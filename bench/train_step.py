@@ -24,7 +24,8 @@ Every model has random weights of the real shapes, built offline (no download):
   reported as ``first_step_s``).
 
 Reported per variant: pairs/s, step time, a per-phase breakdown (data = host->device copy of a
-pinned batch [+ cache lookup]; teacher forward; student forward incl. losses; backward;
+pinned batch [+ cache lookup] [+ normalising uint8 pixels on the device: unialign variants only,
+as ``data.normalize_on_device`` does in training]; teacher forward; student forward incl. losses; backward;
 optimizer), measured with CUDA events in the timed loop (no extra syncs; on CPU, wall clock);
 peak GPU memory; FLOPs per step counted with torch.utils.flop_counter on one real step and
 computed analytically; achieved TFLOP/s and MFU against the H100 SXM dense bf16 peak (989
@@ -44,16 +45,17 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-from unialign.machine import machine_info
 import torch.nn.functional as F
 from torch import nn
+
+from unialign.data.transforms import PixelNormalizer
+from unialign.machine import machine_info
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -195,15 +197,19 @@ def make_optimizer(model: nn.Module, fused: bool) -> torch.optim.Optimizer:
 # Batches
 
 
-def make_batch(batch: int, image_size: int, text_len: int, vocab: int, clip_len: int, seed: int) -> dict:
-    """A pinned host batch like the collator's: normalised float images, padded token ids, masks."""
+def make_batch(batch: int, image_size: int, text_len: int, vocab: int, clip_len: int, seed: int,
+               uint8: bool = False) -> dict:
+    """A pinned host batch like the collator's: images (normalised float, or uint8 pixels as
+    unialign's loader ships them with ``data.normalize_on_device``), padded token ids, masks."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(max(4, text_len // 3), text_len + 1, (batch,), generator=g)
     lengths[0] = text_len  # padded to the longest caption, as the collator does
     mask = (torch.arange(text_len)[None, :] < lengths[:, None]).long()
     ids = torch.randint(1000 if vocab > 2000 else 5, vocab, (batch, text_len), generator=g) * mask
     ids[:, 0] = 101 if vocab > 2000 else 2
-    out = {"image": torch.randn(batch, 3, image_size, image_size, generator=g),
+    shape = (batch, 3, image_size, image_size)
+    image = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) if uint8 else torch.randn(shape, generator=g)
+    out = {"image": image,
            "input_ids": ids, "attention_mask": mask,
            "image_id": torch.randperm(10 * batch, generator=g)[:batch],
            "clip_tokens": torch.randint(1, vocab, (batch, clip_len), generator=g)}
@@ -330,7 +336,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device, workd
     amp_dtype = torch.float16 if author else torch.bfloat16
     spec["precision"] = "16-mixed (GradScaler)" if author else "bf16-mixed"
     spec["attention"] = "eager" if author else "sdpa"
-    spec["optimizer"] = "AdamW " + ("fused" if cuda and not author else "foreach")
+    spec["optimizer"] = "AdamW " + ("foreach" if author else "fused")
     spec["compiled"] = name.endswith("compiled")
     cache = None
     if name.startswith("unialign") or author:
@@ -356,11 +362,17 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device, workd
     if teacher is not None:
         teacher.eval()
     fill_bank(model, device)
-    opt = make_optimizer(model, fused=cuda and not author)
+    opt = make_optimizer(model, fused=not author)  # as SMKETraining: fused wherever torch has it
     scaler = torch.amp.GradScaler(device.type) if author else None
     vocab = TINY_BERT["vocab_size"] if small else 30522
     clip_len = getattr(model, "context_length", 77)
-    host = [make_batch(args.batch, 32 if small else 224, args.text_len, vocab, clip_len, seed=s) for s in range(2)]
+    # unialign's loader ships uint8 pixels, normalised on the device after the copy; the baselines
+    # copy float32 pixels, as the author's code and a CLIP trainer do.
+    on_device = name.startswith("unialign")
+    spec["pixels_copied"] = "uint8" if on_device else "float32"
+    normalizer = PixelNormalizer((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    host = [make_batch(args.batch, 32 if small else 224, args.text_len, vocab, clip_len, seed=s, uint8=on_device)
+            for s in range(2)]
     cache_ids = None
     if cache is not None:
         rng = np.random.default_rng(1)
@@ -378,6 +390,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device, workd
             marks.mark("start")
         src = host[i % 2]
         batch = {k: v.to(device, non_blocking=True) for k, v in src.items()}
+        batch["image"] = normalizer(batch["image"])  # RetrievalDataModule.on_after_batch_transfer
         if cache is not None:  # what SMKETraining.on_before_batch_transfer does
             target = cache.lookup(cache_ids[i % 2])
             batch["teacher_target"] = (target.pin_memory() if cuda else target).to(device, non_blocking=True)
@@ -452,7 +465,8 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device, workd
     spec["mfu_vs_peak"] = round(spec["tflops_per_s"] / args.peak_tflops, 4) if cuda else None
 
     if teacher is not None and not spec["compiled"]:
-        spec["teacher_images_per_s"] = teacher_throughput(teacher, host[0]["image"], device, amp_dtype, args)
+        spec["teacher_images_per_s"] = teacher_throughput(teacher, normalizer(host[0]["image"]), device, amp_dtype,
+                                                          args)
     return spec  # the model, optimizer and batches go with this frame; main() collects them
 
 

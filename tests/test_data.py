@@ -24,6 +24,7 @@ from unialign.data import (
     ImageLoadError,
     MixedIterableDataset,
     PairDataset,
+    PixelNormalizer,
     Record,
     RecordStream,
     ResumableSampler,
@@ -218,6 +219,36 @@ def test_transform_shapes_and_normalisation() -> None:
         assert torch.allclose(out, torch.full_like(out, (1 - 0.5) / 0.25), atol=1e-3)
     with pytest.raises(ValueError, match="interpolation"):
         build_image_transform(SIZE, MEAN, STD, train=False, interpolation="nearest")
+
+
+def test_device_normalisation_equals_host_normalisation(world: Path) -> None:
+    """uint8 out of the loader + PixelNormalizer after the copy gives the very same floats."""
+    images = [Image.open(p).convert("RGB") for p in sorted((world / "images").glob("*.png"))[:6]]
+    for train in (True, False):
+        host, device = (build_image_transform(SIZE, MEAN, STD, train=train, scale=(0.5, 1.0), normalize=n)
+                        for n in (True, False))
+        torch.manual_seed(0)
+        expected = torch.stack([host(im) for im in images])
+        torch.manual_seed(0)
+        raw = torch.stack([device(im) for im in images])
+        assert raw.dtype == torch.uint8
+        assert torch.equal(PixelNormalizer(MEAN, STD)(raw), expected)
+    normalizer = PixelNormalizer(MEAN, STD)
+    assert normalizer(expected) is expected  # float input is taken as normalised
+    with pytest.raises(TypeError, match="int16"):
+        normalizer(raw.to(torch.int16))
+
+
+def test_datamodule_normalises_after_the_transfer(world: Path, world_json: Path, tokenizer: Any) -> None:
+    batches = {}
+    for on_device in (True, False):
+        cfg = DataConfig(train=[KarpathySource(path=world_json, images=world, splits=["train"])], image_size=SIZE,
+                         mean=MEAN, std=STD, num_workers=0, normalize_on_device=on_device)
+        dm = RetrievalDataModule(cfg, tokenizer, 16, batch_size=4, seed=3)
+        batches[on_device] = next(iter(dm.train_dataloader()))
+        assert batches[on_device]["image"].dtype == (torch.uint8 if on_device else torch.float32)
+        batches[on_device] = dm.on_after_batch_transfer(batches[on_device], 0)  # what Lightning calls
+    assert torch.equal(batches[True]["image"], batches[False]["image"])
 
 
 # ---------------------------------------------------------------------------------------

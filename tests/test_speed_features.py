@@ -78,7 +78,7 @@ def _batches(cfg, n: int) -> list[dict]:
     dm = RetrievalDataModule(cfg.data, create_tokenizer(cfg), cfg.model.text.max_length, cfg.train.batch_size,
                              cfg.seed)
     it = iter(dm.train_dataloader())
-    return [next(it) for _ in range(n)]
+    return [dm.on_after_batch_transfer(next(it), 0) for _ in range(n)]  # what Lightning does after the copy
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,14 +320,27 @@ def test_fused_adamw_only_where_lightning_allows_it(world, text_model_dir, teach
     with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
         train(parse_config(raw), tmp_path / "fused")
     monkeypatch.undo()
-    # ... so on CUDA the module picks fused AdamW only without that combination.
+    # ... so the module picks fused AdamW only without that combination (on CUDA and on CPU).
     for precision, clip, fused in [("bf16-mixed", None, True), ("16-mixed", None, True), ("32-true", 1.0, True),
                                    ("16-mixed", 1.0, False), ("bf16-mixed", 1.0, False)]:
         cfg = copy.deepcopy(raw)
         cfg["train"].update(precision=precision, grad_clip=clip)
         module = SMKETraining(parse_config(cfg).model_dump(mode="json"))
-        module._device = torch.device("cuda", 0)  # what Lightning sets when it moves the module
-        assert module._fused_adamw() is fused, (precision, clip)
+        for device in (torch.device("cuda", 0), torch.device("cpu")):
+            module._device = device  # what Lightning sets when it moves the module
+            assert module._fused_adamw() is fused, (precision, clip, device)
+    # A CPU run (bf16, no clipping) really steps with the fused kernel.
+    raw["train"]["grad_clip"] = None
+    probe = _OptimizerProbe()
+    train(parse_config(raw), tmp_path / "cpu", callbacks=[probe])
+    assert probe.fused is True
+
+
+class _OptimizerProbe(Callback):
+    fused: bool | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.fused = trainer.optimizers[0].defaults["fused"]
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from unialign.data.records import (
 )
 from unialign.data.sampler import ResumableSampler, derive_seed
 from unialign.data.synthetic import make_synthetic_karpathy, write_manifest, write_webdataset_shards
-from unialign.data.transforms import build_image_transform
+from unialign.data.transforms import PixelNormalizer, build_image_transform
 
 __all__ = [
     "Collator",
@@ -34,6 +34,7 @@ __all__ = [
     "ImageLoadError",
     "MixedIterableDataset",
     "PairDataset",
+    "PixelNormalizer",
     "Record",
     "RecordSet",
     "RecordStream",

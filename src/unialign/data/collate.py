@@ -15,7 +15,8 @@ class Collator:
 
     Returns a dict with
 
-    - ``image`` (B, 3, H, W) float, ``teacher_image`` (B, 3, H', W') when the samples have one
+    - ``image`` (B, 3, H, W): uint8 (``data.normalize_on_device``) or normalised float;
+      ``teacher_image`` (B, 3, H', W') float, when the samples have one
     - ``input_ids``, ``attention_mask`` (B, L) long, padded to the longest caption (<= max_length)
     - ``image_id`` (B,) long: equal ids mark captions of the same image
     - ``index`` (B,) long: dataset positions, only for map-style datasets

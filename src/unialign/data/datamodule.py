@@ -26,7 +26,7 @@ from unialign.data.collate import Collator
 from unialign.data.datasets import MixedIterableDataset, PairDataset, Transform, build_train_dataset
 from unialign.data.records import DataError, RecordSet, RetrievalSet, read_karpathy, read_manifest, retrieval_set
 from unialign.data.sampler import ResumableSampler
-from unialign.data.transforms import build_image_transform
+from unialign.data.transforms import PixelNormalizer, build_image_transform
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,13 @@ class RetrievalDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.teacher_transform = teacher_transform
+        host_normalize = not cfg.normalize_on_device
         self.train_transform = build_image_transform(cfg.image_size, cfg.mean, cfg.std, train=True,
                                                      scale=cfg.train_scale, interpolation=cfg.interpolation,
-                                                     hflip=cfg.hflip)
+                                                     hflip=cfg.hflip, normalize=host_normalize)
         self.eval_transform = build_image_transform(cfg.image_size, cfg.mean, cfg.std, train=False,
-                                                    interpolation=cfg.interpolation)
+                                                    interpolation=cfg.interpolation, normalize=host_normalize)
+        self.normalizer = PixelNormalizer(cfg.mean, cfg.std)
         self.train_sources: list[RecordSet | WebDatasetSource] = []
         self.val_records: RecordSet | None = None
         self.val_set: RetrievalSet | None = None
@@ -215,6 +217,16 @@ class RetrievalDataModule(LightningDataModule):
         dataset = PairDataset(self.val_records.records, self.eval_transform, seed=self.seed)
         return DataLoader(dataset, sampler=list(range(rank, len(dataset), world)), drop_last=False,
                           **self._loader_kwargs())
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Finish ``data.normalize_on_device``: uint8 -> normalised float, on the device.
+
+        A teacher view of its own (``teacher.view: separate``) is normalised on the host with
+        the teacher's statistics and passes through unchanged.
+        """
+        if isinstance(batch, dict) and "image" in batch:
+            batch["image"] = self.normalizer(batch["image"])
+        return batch
 
     # -----------------------------------------------------------------------------------
     # Resume

@@ -12,8 +12,11 @@ _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": Interpolatio
 
 def build_image_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
                           scale: tuple[float, float] = (0.9, 1.0), interpolation: str = "bicubic",
-                          hflip: bool = True) -> v2.Compose:
+                          hflip: bool = True, normalize: bool = True) -> v2.Compose:
     """PIL image -> normalised float tensor (3, image_size, image_size).
+
+    ``normalize=False`` stops at the uint8 tensor; :class:`PixelNormalizer` finishes the job
+    on a whole batch, typically on the GPU after the copy.
 
     Training uses a mild random resized crop (captions describe the whole picture, so
     aggressive crops would cut out what the text mentions). ``hflip=False`` suits captions
@@ -30,9 +33,30 @@ def build_image_transform(image_size: int, mean: Sequence[float], std: Sequence[
             geometry.append(v2.RandomHorizontalFlip())
     else:
         geometry = [v2.Resize((image_size, image_size), interpolation=mode, antialias=True)]
-    return v2.Compose([
-        *geometry,
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean), std=list(std)),
-    ])
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+    return v2.Compose([*geometry, v2.ToImage(), *(to_float if normalize else [])])
+
+
+class PixelNormalizer:
+    """uint8 images (..., 3, H, W) -> normalised float32, on the device they are on.
+
+    The same operations in the same order as ``ToDtype(scale=True)`` + ``Normalize`` of
+    :func:`build_image_transform`, so the values are identical; float input is taken as
+    already normalised and returned as is. Mean and std are kept per device so no call
+    copies them from the host (no sync inside a training step).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.is_floating_point():
+            return images
+        if images.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 or already normalised float images, got {images.dtype}")
+        if images.device not in self._on_device:
+            self._on_device[images.device] = (self.mean.to(images.device), self.std.to(images.device))
+        mean, std = self._on_device[images.device]
+        return images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)

@@ -28,6 +28,8 @@ warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch
 
 # Parameter names that get no weight decay besides 1-d tensors (biases, norms, scales): embeddings.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "embeddings", "token_type", "reg_token")
+# Device types with a fused AdamW kernel in torch (>= 2.4 for CPU).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps")
 
 
 class BadDataError(RuntimeError):
@@ -227,12 +229,13 @@ class SMKETraining(L.LightningModule):
     # ---------------------------------------------------------------------------- optimiser
 
     def _fused_adamw(self) -> bool:
-        """Fused AdamW on CUDA (one kernel; with fp16 it also checks inf/NaN on the device, no sync),
+        """Fused AdamW wherever torch has the kernel (one kernel per step: on CUDA it also checks
+        fp16 inf/NaN on the device, no sync; on CPU it is ~20x faster than the per-tensor loop),
         except with gradient clipping under mixed precision: a fused optimizer unscales inside its
         step, after the point where Lightning clips, and Lightning refuses the combination (for
         bf16-mixed too)."""
         t = self.cfg.train
-        return self.device.type == "cuda" and not (t.grad_clip and t.precision != "32-true")
+        return self.device.type in FUSED_ADAMW_DEVICES and not (t.grad_clip and t.precision != "32-true")
 
     def configure_optimizers(self) -> dict[str, Any]:
         t = self.cfg.train
