@@ -293,6 +293,17 @@ def test_teacher_view_is_its_own_augmentation(world: Path, world_json: Path, tra
     assert batch["teacher_image"].shape == (4, 3, SIZE + 8, SIZE + 8)
 
 
+def test_collator_rounds_caption_length_up(world: Path, world_json: Path, train_tf: Any, tokenizer: Any) -> None:
+    ds = PairDataset(read_karpathy(world_json, world, ["train"]).records[:4], train_tf, seed=3)
+    exact = Collator(tokenizer, 40)([ds[i] for i in range(4)])
+    rounded = Collator(tokenizer, 40, pad_to_multiple_of=8)([ds[i] for i in range(4)])
+    length = exact["input_ids"].shape[1]
+    assert length % 8 != 0  # the synthetic captions make an odd length, so the rounding shows
+    assert rounded["input_ids"].shape[1] == -(-length // 8) * 8
+    assert torch.equal(rounded["input_ids"][:, :length], exact["input_ids"])
+    assert rounded["attention_mask"][:, length:].sum() == 0 and (rounded["input_ids"][:, length:] == 0).all()
+
+
 @pytest.mark.parametrize("caption_in", ["txt", "json"])
 def test_webdataset_single_source_reads_every_pair(world: Path, world_json: Path, train_tf: Any,
                                                    tmp_path: Path, caption_in: str) -> None:

@@ -261,6 +261,7 @@ _INDUCTOR_SKIP = pytest.mark.skipif(
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=_INDUCTOR_SKIP)])
 def test_compiled_step_matches_eager(world, text_model_dir, teacher_checkpoint, backend, monkeypatch):
     raw = _raw(world, text_model_dir, teacher_checkpoint)
+    raw["data"]["pad_to_multiple_of"] = 1  # keep the two batches' caption lengths apart
     cfg = parse_config(raw)
     compiled_raw = copy.deepcopy(raw)
     compiled_raw["train"]["compile"] = True
@@ -282,6 +283,7 @@ def test_compiled_step_matches_eager(world, text_model_dir, teacher_checkpoint, 
     eager.eval()  # no dropout: a compiled graph draws its random numbers differently
     compiled.eval()
     batches = _batches(cfg, 2)  # two caption lengths: the recompile for a new shape must work too
+    assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]
     import torch._dynamo as dynamo
 
     dynamo.reset()

@@ -146,6 +146,9 @@ class DataConfig(_Strict):
     # Loaders ship uint8 images and they are normalised after the host->device copy: a quarter of
     # the bytes to pin and copy, and the float conversion leaves the CPU workers. Same values.
     normalize_on_device: bool = True
+    # Caption batches are padded to the longest caption, rounded up to this (1: no rounding): a
+    # handful of lengths instead of one per batch (torch.compile recompiles less) and aligned kernels.
+    pad_to_multiple_of: int = Field(8, ge=1)
     num_workers: int = Field(4, ge=0)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # fail when more of the data than this is unreadable
 

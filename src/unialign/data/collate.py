@@ -17,7 +17,8 @@ class Collator:
 
     - ``image`` (B, 3, H, W): uint8 (``data.normalize_on_device``) or normalised float;
       ``teacher_image`` (B, 3, H', W') float, when the samples have one
-    - ``input_ids``, ``attention_mask`` (B, L) long, padded to the longest caption (<= max_length)
+    - ``input_ids``, ``attention_mask`` (B, L) long, padded to the longest caption (<= max_length),
+      rounded up to ``pad_to_multiple_of`` (fewer shapes for torch.compile, aligned GPU kernels)
     - ``image_id`` (B,) long: equal ids mark captions of the same image
     - ``index`` (B,) long: dataset positions, only for map-style datasets
     - ``captions`` list[str], ``size`` int (= B)
@@ -28,9 +29,10 @@ class Collator:
     ``batch["size"] == 0`` and skip the step (still accounting ``n_skipped``).
     """
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, pad_to_multiple_of: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, items: Sequence[Sample]) -> dict[str, Any]:
         good = [it for it in items if not is_bad(it)]
@@ -42,8 +44,8 @@ class Collator:
             batch.update(image=torch.zeros(0, 3, 0, 0), input_ids=empty, attention_mask=empty.clone(),
                          image_id=torch.zeros(0, dtype=torch.long))
             return batch
-        tokens = self.tokenizer(batch["captions"], padding="longest", truncation=True,
-                                max_length=self.max_length, return_tensors="pt")
+        tokens = self.tokenizer(batch["captions"], padding="longest", truncation=True, max_length=self.max_length,
+                                pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
         batch["image"] = torch.stack([it["image"] for it in good])
         if all("teacher_image" in it for it in good):
             batch["teacher_image"] = torch.stack([it["teacher_image"] for it in good])
