@@ -146,6 +146,9 @@ class DataConfig(_Strict):
     # Loaders ship uint8 images and they are normalised after the host->device copy: a quarter of
     # the bytes to pin and copy, and the float conversion leaves the CPU workers. Same values.
     normalize_on_device: bool = True
+    # host: PIL decodes and augments in the loader workers; device: the workers read JPEG headers
+    # only and the batch is decoded + cropped on the training device (nvJPEG on CUDA).
+    decode: Literal["host", "device"] = "host"
     # Caption batches are padded to the longest caption, rounded up to this (1: no rounding): a
     # handful of lengths instead of one per batch (torch.compile recompiles less) and aligned kernels.
     pad_to_multiple_of: int = Field(8, ge=1)
@@ -158,6 +161,13 @@ class DataConfig(_Strict):
         if not 0 < v[0] <= v[1] <= 1:
             raise ValueError(f"needs 0 < min <= max <= 1, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _device_decode_needs_uint8(self) -> "DataConfig":
+        if self.decode == "device" and not self.normalize_on_device:
+            raise ValueError("data.decode: device needs data.normalize_on_device: true (images reach the device "
+                             "as uint8 pixels)")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -200,6 +210,9 @@ class Config(_Strict):
             raise ValueError("loss.itc_interm needs model.shared.depth >= 1 (x_interm comes from the shared block)")
         if self.loss.kd != "none" and not self.teacher.enabled:
             raise ValueError(f"loss.kd is {self.loss.kd!r} but teacher.enabled is false; set loss.kd=none")
+        if self.data.decode == "device" and self.teacher.enabled and self.teacher.view == "separate":
+            raise ValueError("data.decode: device decodes each image once, on the device, for the student's view; "
+                             "teacher.view: separate needs data.decode: host")
         if self.teacher.cache is not None and (not self.teacher.enabled or self.loss.kd == "none"):
             raise ValueError("teacher.cache is set but no distillation runs (teacher.enabled false or loss.kd none)")
         return self

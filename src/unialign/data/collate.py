@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from unialign.data.datasets import Sample, is_bad
+from unialign.data.device_decode import collate_planned
 
 
 class Collator:
@@ -15,7 +16,9 @@ class Collator:
 
     Returns a dict with
 
-    - ``image`` (B, 3, H, W): uint8 (``data.normalize_on_device``) or normalised float;
+    - ``image`` (B, 3, H, W): uint8 (``data.normalize_on_device``) or normalised float; with
+      ``data.decode: device`` only the host-decoded rows, plus ``image_slots`` and ``jpeg``
+      (see :func:`unialign.data.device_decode.collate_planned`);
       ``teacher_image`` (B, 3, H', W') float, when the samples have one
     - ``input_ids``, ``attention_mask`` (B, L) long, padded to the longest caption (<= max_length),
       rounded up to ``pad_to_multiple_of`` (fewer shapes for torch.compile, aligned GPU kernels)
@@ -46,7 +49,10 @@ class Collator:
             return batch
         tokens = self.tokenizer(batch["captions"], padding="longest", truncation=True, max_length=self.max_length,
                                 pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
-        batch["image"] = torch.stack([it["image"] for it in good])
+        if any("jpeg" in it for it in good):  # data.decode: device; DeviceDecoder finishes after the copy
+            batch.update(collate_planned(good))
+        else:
+            batch["image"] = torch.stack([it["image"] for it in good])
         if all("teacher_image" in it for it in good):
             batch["teacher_image"] = torch.stack([it["teacher_image"] for it in good])
         batch["input_ids"] = tokens["input_ids"]

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from unialign.config import DataConfig, KarpathySource, ManifestSource, WebDatasetSource
 from unialign.data.collate import Collator
 from unialign.data.datasets import MixedIterableDataset, PairDataset, Transform, build_train_dataset
+from unialign.data.device_decode import DeviceDecodePlan, DeviceDecoder
 from unialign.data.records import DataError, RecordSet, RetrievalSet, read_karpathy, read_manifest, retrieval_set
 from unialign.data.sampler import ResumableSampler
 from unialign.data.transforms import PixelNormalizer, build_image_transform
@@ -116,6 +117,11 @@ class RetrievalDataModule(LightningDataModule):
         self.eval_transform = build_image_transform(cfg.image_size, cfg.mean, cfg.std, train=False,
                                                     interpolation=cfg.interpolation, normalize=host_normalize)
         self.normalizer = PixelNormalizer(cfg.mean, cfg.std)
+        self.device_decoder: DeviceDecoder | None = None
+        if cfg.decode == "device":
+            self.train_transform = DeviceDecodePlan(cfg.image_size, cfg.train_scale, cfg.hflip, cfg.interpolation,
+                                                    host_transform=self.train_transform)
+            self.device_decoder = DeviceDecoder(cfg.image_size, cfg.interpolation)
         self.train_sources: list[RecordSet | WebDatasetSource] = []
         self.val_records: RecordSet | None = None
         self.val_set: RetrievalSet | None = None
@@ -219,12 +225,15 @@ class RetrievalDataModule(LightningDataModule):
                           **self._loader_kwargs())
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Finish ``data.normalize_on_device``: uint8 -> normalised float, on the device.
+        """Finish on the device: decode JPEGs (``data.decode: device``), then uint8 -> normalised float
+        (``data.normalize_on_device``).
 
         A teacher view of its own (``teacher.view: separate``) is normalised on the host with
         the teacher's statistics and passes through unchanged.
         """
         if isinstance(batch, dict) and "image" in batch:
+            if self.device_decoder is not None:
+                batch = self.device_decoder(batch, batch["input_ids"].device)
             batch["image"] = self.normalizer(batch["image"])
         return batch
 

@@ -25,13 +25,15 @@ import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from unialign.config import WebDatasetSource
+from unialign.data.device_decode import DeviceDecodePlan
 from unialign.data.images import ImageLoadError, load_image
 from unialign.data.records import DataError, Record, RecordSet, stable_id
 from unialign.data.sampler import derive_seed
 
 log = logging.getLogger(__name__)
 
-Transform = Callable[[Any], torch.Tensor]
+# PIL image -> tensor, or (data.decode: device) a plan that leaves JPEG decoding to the device
+Transform = Callable[[Any], torch.Tensor] | DeviceDecodePlan
 Sample = dict[str, Any]
 # What a stream hands to decoding: (image path or bytes, name for messages, caption, image id),
 # or an already-built bad marker.
@@ -55,6 +57,14 @@ def make_sample(image: str | bytes, name: str, caption: str, image_id: int, tran
     The teacher transform runs after the student's on the same RNG stream, so it draws
     its own (equally reproducible) augmentation of the same decoded image.
     """
+    if isinstance(transform, DeviceDecodePlan):  # data.decode: device (no separate teacher view)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                planned = transform(image, name)
+        except ImageLoadError as err:
+            return bad_marker(name, str(err))
+        return {**planned, "caption": caption, "image_id": image_id}
     try:
         img = load_image(image, name=name)
     except ImageLoadError as err:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
 def build_image_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
@@ -23,9 +23,9 @@ def build_image_transform(image_size: int, mean: Sequence[float], std: Sequence[
     that say "left"/"right". Evaluation squashes to a square instead of centre-cropping, so
     nothing a caption mentions is cut off.
     """
-    if interpolation not in _INTERPOLATION:
-        raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}, got {interpolation!r}")
-    mode = _INTERPOLATION[interpolation]
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+    mode = INTERPOLATIONS[interpolation]
     if train:
         geometry: list[v2.Transform] = [
             v2.RandomResizedCrop(image_size, scale=scale, interpolation=mode, antialias=True)]

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 # on_before_batch_transfer below serves the teacher cache; the data module defines no such hook,
 # so Lightning's note that the module's hook wins over the data module's is noise.
 warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`")
+# The frozen teacher is in eval mode on purpose (the student is switched to train in on_fit_start).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 # Parameter names that get no weight decay besides 1-d tensors (biases, norms, scales): embeddings.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "embeddings", "token_type", "reg_token")

@@ -1,0 +1,170 @@
+"""``data.decode: device``: JPEGs are decoded and augmented on the training device.
+
+A CPU core decodes and augments a few hundred 500x375 JPEGs per second, so a 16-core GPU
+host cannot feed the ~6,300 pairs/s of a one-hour SPEC run. Here the loader workers only
+read each JPEG's header and draw its crop and flip (seeded per sample, like the host path);
+the compressed bytes travel with the batch, and after the copy the whole batch is decoded
+at once by ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA) and cropped,
+resized and flipped there.
+
+What stays on the host: images that are not JPEG (PNG, WebP) or are CMYK JPEGs, which go
+through the normal host transform, and any JPEG the device decoder rejects, which is decoded
+by PIL as a fallback (in the main process: rare by construction). A JPEG that PIL cannot
+decode either is dropped from the batch and counted like any other bad sample.
+
+Values differ slightly from the host path (torch's antialiased bicubic instead of PIL's, and
+a different JPEG decoder), so this is a choice of the run, not a drop-in identity.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
+
+from unialign.data.images import ImageLoadError, load_image
+from unialign.data.transforms import INTERPOLATIONS
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _read_bytes(source: str | Path | bytes, label: str) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    try:
+        return Path(source).read_bytes()
+    except FileNotFoundError:
+        raise ImageLoadError(f"{label}: image file not found") from None
+    except OSError as err:
+        raise ImageLoadError(f"{label}: cannot read image ({type(err).__name__}: {err})") from None
+
+
+class DeviceDecodePlan:
+    """Host half: JPEG header -> (bytes, crop box, flip); other images -> the host transform.
+
+    Called under the sample's seeded RNG (see ``make_sample``); draws the crop with
+    torchvision's RandomResizedCrop rule and the flip with probability 1/2.
+    """
+
+    def __init__(self, image_size: int, scale: tuple[float, float], hflip: bool, interpolation: str,
+                 host_transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.image_size = image_size
+        self.scale = scale
+        self.hflip = hflip
+        self.interpolation = interpolation
+        self.host_transform = host_transform  # uint8 output, for images that stay on the host
+
+    def __call__(self, source: str | Path | bytes, name: str) -> dict[str, Any]:
+        data = _read_bytes(source, name)
+        if not data.startswith(JPEG_MAGIC):
+            return {"image": self.host_transform(load_image(data, name=name))}
+        try:
+            with Image.open(io.BytesIO(data)) as header:  # reads the header only
+                if header.mode not in ("L", "RGB"):  # CMYK/YCCK: leave them to PIL
+                    return {"image": self.host_transform(load_image(data, name=name))}
+                top, left, height, width = RandomResizedCrop.get_params(header, list(self.scale), [3 / 4, 4 / 3])
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise ImageLoadError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
+        flip = self.hflip and bool(torch.rand(1) < 0.5)
+        return {"jpeg": data, "name": name, "crop": (top, left, height, width), "flip": flip}
+
+
+def collate_planned(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The image part of a batch of planned samples (the Collator adds captions and ids).
+
+    ``image`` holds only the host-decoded images, ``jpeg`` the rest; ``image_slots`` says
+    which batch position each ``image`` row fills. Bytes, boxes and slots are plain Python
+    values, so Lightning's device transfer leaves them on the host.
+    """
+    host = [i for i, s in enumerate(samples) if "image" in s]
+    jpeg = [i for i, s in enumerate(samples) if "jpeg" in s]
+    images = (torch.stack([samples[i]["image"] for i in host]) if host
+              else torch.zeros(0, 3, 0, 0, dtype=torch.uint8))
+    return {"image": images, "image_slots": host,
+            "jpeg": {"data": [samples[i]["jpeg"] for i in jpeg], "name": [samples[i]["name"] for i in jpeg],
+                     "crop": [samples[i]["crop"] for i in jpeg], "flip": [samples[i]["flip"] for i in jpeg],
+                     "slots": jpeg}}
+
+
+class DeviceDecoder:
+    """Device half: decode the batch's JPEGs, crop/resize/flip them, put every image in its slot."""
+
+    def __init__(self, image_size: int, interpolation: str) -> None:
+        self.size = [image_size, image_size]
+        self.mode = INTERPOLATIONS[interpolation]
+
+    def __call__(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        if "jpeg" not in batch:
+            return batch
+        jpeg = batch.pop("jpeg")
+        slots: list[torch.Tensor | None] = [None] * batch["size"]
+        for slot, image in zip(batch.pop("image_slots"), batch["image"], strict=True):
+            slots[slot] = image
+        decoded = self._decode(jpeg["data"], device)
+        dropped: list[tuple[int, str, str]] = []
+        for slot, data, name, image, (top, left, h, w), flip in zip(
+                jpeg["slots"], jpeg["data"], jpeg["name"], decoded, jpeg["crop"], jpeg["flip"], strict=True):
+            if image is None:
+                image = self._host_fallback(data, name, device)
+            if isinstance(image, str):
+                dropped.append((slot, name, image))
+                continue
+            out = TF.resized_crop(image, top, left, h, w, self.size, interpolation=self.mode, antialias=True)
+            slots[slot] = out.flip(-1) if flip else out
+        if dropped:
+            batch = drop_samples(batch, dropped)
+        kept = [s for s in slots if s is not None]
+        batch["image"] = torch.stack(kept) if kept else torch.zeros(0, 3, 0, 0, dtype=torch.uint8, device=device)
+        return batch
+
+    @staticmethod
+    def _decode(data: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+        """One batched call; if the decoder rejects the batch, one call per image to find the culprits."""
+        raw = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
+        if not raw:
+            return []
+        try:
+            return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            out: list[torch.Tensor | None] = []
+            for r in raw:
+                try:
+                    out.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    @staticmethod
+    def _host_fallback(data: bytes, name: str, device: torch.device) -> torch.Tensor | str:
+        """PIL decode of a JPEG the device decoder rejected; the reason text if PIL cannot either."""
+        try:
+            return TF.pil_to_tensor(load_image(data, name=name)).to(device)
+        except ImageLoadError as err:
+            return str(err)
+
+
+def drop_samples(batch: dict[str, Any], dropped: list[tuple[int, str, str]]) -> dict[str, Any]:
+    """Remove samples found bad after collation ((position, name, reason) each) and count them as skipped.
+
+    Every tensor or list with one entry per sample is cut; ``image`` is rebuilt by the caller.
+    """
+    size = batch["size"]
+    gone = {slot for slot, _, _ in dropped}
+    keep = [i for i in range(size) if i not in gone]
+    out = dict(batch)
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == size and key != "image":
+            out[key] = value[torch.tensor(keep, device=value.device, dtype=torch.long)]
+        elif isinstance(value, list) and len(value) == size and key not in ("skipped",):
+            out[key] = [value[i] for i in keep]
+    out["size"] = len(keep)
+    out["n_skipped"] = batch.get("n_skipped", 0) + len(dropped)
+    out["skipped"] = [*batch.get("skipped", []), *((name, reason) for _, name, reason in dropped)]
+    return out
