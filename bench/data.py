@@ -19,9 +19,10 @@ Measured in one run, on the same shards:
   the rest costs; ``pil_decode_augment_uint8`` stops at uint8 (normalisation left to the GPU).
 - ``pil_draft_decode_augment``: the same with PIL's ``Image.draft`` (JPEG DCT-domain downscaling,
   never below the crop size); NOT what unialign does today, a candidate for large photos.
-- ``gpu_nvjpeg`` (only with CUDA): raw JPEG bytes read from the shards, decoded in batches by
-  ``torchvision.io.decode_jpeg(device="cuda")``, random-resized-crop + flip + normalise on the
-  GPU; NOT wired into training, a candidate.
+- ``unialign_devdec_w{N}``: ``data.decode: device``, the training path: N workers read shards and
+  JPEG headers only and draw the crops; each batch is decoded on the device
+  (``torchvision.io.decode_jpeg``, nvJPEG on CUDA; torchvision's CPU decoder in the main process
+  when there is no GPU), cropped, resized, flipped and normalised there.
 
 Throughput is counted after the first batch (worker start-up is reported separately). The
 rate a training run needs is printed next to it: the SPEC's run (7 x 3,264,868 pairs) in one
@@ -183,63 +184,41 @@ def pil_decode_augment(jpegs: list[bytes], args: argparse.Namespace, draft: bool
     return out
 
 
-def gpu_nvjpeg(urls: str, n: int, args: argparse.Namespace, device: str = "cuda") -> dict[str, Any]:
-    """``device="cpu"`` runs the same code with torchvision's CPU decoder (to check it without a GPU)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        return {"skipped": "no CUDA device"}
-    import torchvision
-    from torchvision.transforms.v2 import functional as TF
+def unialign_device_decode(urls: str, n: int, workers: int, args: argparse.Namespace, tok: Any,
+                           device: torch.device) -> dict[str, Any]:
+    """``data.decode: device`` as training runs it: N workers read shards and JPEG headers, draw the
+    crops and collate; the main process moves each batch to ``device`` and calls the data module's
+    ``on_after_batch_transfer`` (batched decode there: nvJPEG on CUDA, crop/resize/flip,
+    normalise), timed with a device sync at the end."""
+    from unialign.config import DataConfig, WebDatasetSource
+    from unialign.data import RetrievalDataModule
+
+    cfg = DataConfig(train=[WebDatasetSource(urls=urls, size=n)], image_size=args.image_size, num_workers=workers,
+                     shuffle_buffer=args.shuffle_buffer, decode="device")
+    dm = RetrievalDataModule(cfg, tok, 64, args.batch, seed=0)
+
+    def finish(batch: dict[str, Any]) -> dict[str, Any]:
+        moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return dm.on_after_batch_transfer(moved, 0)
 
     def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(3, 1, 1) * 255
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(3, 1, 1) * 255
-    gen = torch.Generator().manual_seed(0)
-    size = args.image_size
-
-    def batches():
-        import webdataset as wds
-
-        buf: list[torch.Tensor] = []
-        for url in wds.shardlists.expand_urls(urls):
-            for sample in wds.tarfile_samples(iter([{"url": url}])):
-                buf.append(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8))
-                if len(buf) == args.batch:
-                    yield buf
-                    buf = []
-
-    def augment(img: torch.Tensor) -> torch.Tensor:
-        _, h, w = img.shape
-        area = h * w * float(torch.empty(1).uniform_(0.9, 1.0, generator=gen))
-        ratio = float(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3), generator=gen).exp())
-        cw, ch = min(w, round((area * ratio) ** 0.5)), min(h, round((area / ratio) ** 0.5))
-        top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
-        left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
-        out = TF.resized_crop(img, top, left, ch, cw, [size, size], interpolation=TF.InterpolationMode.BICUBIC,
-                              antialias=True)
-        if torch.rand(1, generator=gen) < 0.5:
-            out = out.flip(-1)
-        return out
-
-    count, t0, t_first = 0, None, time.perf_counter()
-    for raw in batches():
-        imgs = torchvision.io.decode_jpeg(raw, device=device)
-        pixels = (torch.stack([augment(i) for i in imgs]).float() - mean) / std
-        assert pixels.shape[1:] == (3, size, size)
-        if t0 is None:
-            sync()
-            t_first = time.perf_counter() - t_first
-            t0 = time.perf_counter()
-            continue
-        count += len(pixels)
+    start = time.perf_counter()
+    it = iter(dm.train_dataloader())
+    first = finish(next(it))
     sync()
-    elapsed = time.perf_counter() - (t0 or time.perf_counter())
+    t_first = time.perf_counter() - start
+    count = 0
+    t0 = time.perf_counter()
+    for batch in it:
+        count += finish(batch)["size"]
+    sync()
+    elapsed = time.perf_counter() - t0
+    assert first["image"].shape[1:] == (3, args.image_size, args.image_size) and first["image"].device == device
     return {"images_per_s": round(count / elapsed, 1) if count else None, "images_timed": count,
-            "startup_and_first_batch_s": round(t_first, 2),
-            "note": "candidate, not used by unialign: tar read on the CPU (one process), nvJPEG batch decode, "
-                    "per-image crop/resize on the GPU"}
+            "startup_and_first_batch_s": round(t_first, 2), "decode_device": str(device)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -266,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.batch = args.batch or (16 if small else 256)
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(args.threads)
+    devdec_workers = [0, 2] if small else sorted({0, 2, min(4, cores)})
     if args.workers:
         workers = [int(w) for w in args.workers.split(",")]
     elif small:
@@ -303,7 +283,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["unialign_float_w0"] = unialign_pipeline(urls, n, 0, args, tok, on_device=False)
         for w in workers:
             res[f"unialign_w{w}"] = unialign_pipeline(urls, n, w, args, tok)
-        res["gpu_nvjpeg"] = gpu_nvjpeg(urls, n, args)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for w in devdec_workers:
+            res[f"unialign_devdec_w{w}"] = unialign_device_decode(urls, n, w, args, tok, device)
     base = res["unialign_w0"]["images_per_s"]
     for name, r in res.items():
         rate = r.get("images_per_s")
