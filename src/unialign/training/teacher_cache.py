@@ -367,7 +367,7 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
     ``precision`` is the teacher's autocast ("32", "bf16", "16"; default bf16 on CUDA, 32
     otherwise). ``max_units`` stops after that many units (simulates an interruption; tests).
     """
-    from ..data.transforms import build_image_transform
+    from ..data.transforms import PixelNormalizer, build_image_transform
     from ..model.teacher import Teacher
 
     if not cfg.teacher.enabled:
@@ -421,7 +421,10 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
         teacher = Teacher(cfg.teacher).to(device)
         d = cfg.data
         mean, std = identity["view mean"], identity["view std"]
-        transform = build_image_transform(d.image_size, mean, std, train=False, interpolation=d.interpolation)
+        # uint8 out of the workers, normalised on the device (bit-identical to the online view)
+        transform = build_image_transform(d.image_size, mean, std, train=False, interpolation=d.interpolation,
+                                          normalize=False)
+        normalizer = PixelNormalizer(mean, std)
         workers = d.num_workers if num_workers is None else num_workers
         on_cuda = torch.device(device).type == "cuda"
         loader = DataLoader(_UnitImages(todo, transform, batch_size), batch_size=None, num_workers=workers,
@@ -437,7 +440,7 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
             if batch["pixels"] is not None:
                 ctx = torch.autocast(torch.device(device).type, dtype=autocast) if autocast else nullcontext()
                 with ctx:
-                    targets = teacher(batch["pixels"].to(device, non_blocking=True))
+                    targets = teacher(normalizer(batch["pixels"].to(device, non_blocking=True)))
                 state["targets"].append(targets.float().cpu().numpy().astype(_DTYPES[dtype]))
                 state["ids"].append(batch["ids"].numpy())
             state["bad"] += batch["bad"]
