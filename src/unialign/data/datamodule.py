@@ -189,8 +189,8 @@ class RetrievalDataModule(LightningDataModule):
         # An own generator: a DataLoader without one draws its workers' base seed from the global
         # RNG each time it starts, i.e. it would consume the model's dropout stream.
         return {"batch_size": self.batch_size, "num_workers": workers, "pin_memory": on_cuda,
-                "persistent_workers": False, "collate_fn": Collator(self.tokenizer, self.max_length, self.cfg.pad_to_multiple_of),
-                "generator": torch.Generator().manual_seed(self.seed)}
+                "persistent_workers": False, "generator": torch.Generator().manual_seed(self.seed),
+                "collate_fn": Collator(self.tokenizer, self.max_length, self.cfg.pad_to_multiple_of)}
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, ``drop_last`` batches; rank/world come from the trainer (built with
