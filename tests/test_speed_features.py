@@ -457,18 +457,33 @@ def test_memory_bank_host_counters_follow_checkpoints():
 
 @pytest.mark.parametrize("script, extra", [("train_step.py", ["--steps", "2"]), ("data.py", []), ("eval.py", [])])
 def test_benchmarks_run_small(script, extra, tmp_path, monkeypatch):
-    """In-process (no interpreter + torch import per script), at the --small sizes."""
-    import importlib.util
+    """In-process (no interpreter + torch import per script), at the --small sizes; then the
+    Markdown table bench/perf_table.py makes of the result names every variant with its rate."""
     import json
 
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     monkeypatch.chdir(tmp_path)
-    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", ROOT / "bench" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = tmp_path / "out.json"
-    result = module.main(["--small", "--json", str(out), *extra])
+    result = _bench_module(script).main(["--small", "--json", str(out), *extra])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["small"] is True and result["device"] and result["baseline"]
     errors = {k: v["error"] for k, v in result.get("variants", {}).items() if "error" in v}
     assert not errors, errors
+    perf = _bench_module("perf_table.py")
+    table = perf.render([out])
+    assert "--small: a smoke run" in table
+    rows = {"train_step": "variants", "data": "results", "eval": "runs"}[result["bench"]]
+    for name, row in result[rows].items():
+        shown = perf._num(row["total_s"], 2) if rows == "runs" else perf._num(row.get("pairs_per_s",
+                                                                                     row.get("images_per_s")))
+        line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert f"| {shown} |" in line, (name, shown, line)
+
+
+def _bench_module(script: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", ROOT / "bench" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
