@@ -53,6 +53,7 @@ def test_training_learns_and_keeps_teacher_frozen(world, text_model_dir, teacher
     raw = _config(world, text_model_dir, teacher_checkpoint, epochs=6, base_lr=3e-3, scale_lr=False,
                   warmup_fraction=0.05)
     # Retrieval over the 128 training images: chance is R@1 0.8%, R@5 3.9%, R@10 7.8% (mean ~4.2%).
+    # With BERT's dropout on, seeds 0-4 reached a mean of 7.9, 10.4, 12.7, 15.3 and 11.1: demand 1.5x chance.
     raw["data"]["val"] = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world)}
     raw["data"]["val_split"] = "train"
     cfg = parse_config(raw)
@@ -65,7 +66,7 @@ def test_training_learns_and_keeps_teacher_frozen(world, text_model_dir, teacher
     first = sum(recorder.itc[s] for s in steps[:8]) / 8
     last = sum(recorder.itc[s] for s in steps[-8:]) / 8
     assert last < 0.8 * first, (first, last)
-    assert summary["metrics"]["val/r_mean"] > 8.0, summary["metrics"]
+    assert summary["metrics"]["val/r_mean"] > 6.3, summary["metrics"]
     ckpt = torch.load(tmp_path / "run" / CHECKPOINT_DIR / LAST, weights_only=False)
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
     assert not any("teacher" in str(group) for group in ckpt["optimizer_states"][0]["param_groups"][0])
@@ -271,5 +272,7 @@ def test_ddp_two_processes_through_the_cli(world, text_model_dir, teacher_checkp
     assert summary["world_size"] == 2 and summary["global_step"] == 4
     assert summary["samples_seen"] == 2 * 4 * 8  # both ranks counted
     assert 0.0 <= summary["metrics"]["val/r_mean"] <= 100.0  # validation gathered across ranks
-    bank = torch.load(tmp_path / "run" / CHECKPOINT_DIR / LAST, weights_only=True)["state_dict"]
-    assert int(bank["kd.bank.count"]) == 64  # 4 steps x 16 targets gathered from both ranks
+    ckpt = torch.load(tmp_path / "run" / CHECKPOINT_DIR / LAST, weights_only=True)
+    assert int(ckpt["state_dict"]["kd.bank.count"]) == 64  # 4 steps x 16 targets gathered from both ranks
+    # each rank has its own dropout stream, and the checkpoint keeps both for a resume
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])

@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from ..config import Config
+from ..data.sampler import derive_seed
 from ..evaluation import retrieval_metrics
 from ..losses import ContrastiveDistillationLoss, ContrastiveLoss, MSEDistillationLoss
 from ..model.factory import create_student, read_checkpoint, student_state_dict, tower_meta
@@ -30,6 +31,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 # Parameter names that get no weight decay besides 1-d tensors (biases, norms, scales): embeddings.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "embeddings", "token_type", "reg_token")
+DROPOUT_STREAM = 7  # tags the per-rank dropout seed: derive_seed(seed, DROPOUT_STREAM, rank)
 # Device types with a fused AdamW kernel in torch (>= 2.4 for CPU).
 FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps")
 
@@ -85,6 +87,7 @@ class SMKETraining(L.LightningModule):
             self.kd = MSEDistillationLoss()
         self.samples_seen = 0
         self.samples_bad = 0
+        self._rng_restored = False  # set when a checkpoint's RNG states are loaded (resume)
         self._last_step_time: float | None = None
         self._pairs_per_sec: float | None = None
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -144,6 +147,11 @@ class SMKETraining(L.LightningModule):
         # mode, so without this BERT's dropout would stay off for the whole run. (The teacher
         # ignores it: Teacher.train always sets eval.)
         self.model.train()
+        if not self._rng_restored:
+            # One dropout stream per rank, drawn after the (identical) initialisation: with the
+            # same stream everywhere, ranks whose batches have the same shapes (caption lengths
+            # are rounded to a multiple of 8) would draw the same masks at every step.
+            torch.manual_seed(derive_seed(self.cfg.seed, DROPOUT_STREAM, self.global_rank))
 
     def on_train_start(self) -> None:
         if self.teacher_cache is None:
@@ -270,22 +278,40 @@ class SMKETraining(L.LightningModule):
         if self.tokenizer is not None:
             checkpoint["unialign"] = tower_meta(self.model, self.tokenizer, self.kd_dim)
         checkpoint["unialign_counters"] = {"seen": self.samples_seen, "bad": self.samples_bad}
+        # Every rank's RNG state (ranks draw different dropout masks); every rank runs this hook.
+        state = self._rng_state()
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            states: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint["rng"] = states
+
+    def _rng_state(self) -> dict[str, Any]:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
-        checkpoint["rng"] = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-                             "python": random.getstate()}
+        state = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+                 "python": random.getstate()}
         if self.device.type == "cuda":  # dropout on the GPU draws from the device's generator
-            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+            state["cuda"] = torch.cuda.get_rng_state(self.device).cpu()
+        return state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("unialign_counters", {})
         self.samples_seen = counters.get("seen", 0)
         self.samples_bad = counters.get("bad", 0)
-        rng = checkpoint.get("rng")
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            kind, keys, pos, has_gauss, cached = rng["numpy"]
-            np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-            random.setstate(rng["python"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"], torch.cuda.current_device())
+        states = checkpoint.get("rng")
+        if not states:
+            return
+        world, rank = self.trainer.world_size, self.global_rank
+        if len(states) != world:
+            log.warning("the checkpoint holds RNG states of %d rank(s), this run has %d: dropout masks will not "
+                        "match the interrupted run", len(states), world)
+        rng = states[rank % len(states)]
+        torch.set_rng_state(rng["torch"])
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"], torch.cuda.current_device())
+        self._rng_restored = True
