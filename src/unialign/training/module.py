@@ -303,7 +303,10 @@ class SMKETraining(L.LightningModule):
         states = checkpoint.get("rng")
         if not states:
             return
-        world, rank = self.trainer.world_size, self.global_rank
+        if isinstance(states, dict):  # written before checkpoints kept one state per rank
+            states = [states]
+        world = self._trainer.world_size if self._trainer is not None else 1
+        rank = self.global_rank
         if len(states) != world:
             log.warning("the checkpoint holds RNG states of %d rank(s), this run has %d: dropout masks will not "
                         "match the interrupted run", len(states), world)
