@@ -51,7 +51,7 @@ def images() -> dict[str, bytes]:
 
 def _plan(hflip: bool = True) -> DeviceDecodePlan:
     host = build_image_transform(SIZE, MEAN, STD, train=True, scale=(0.5, 1.0), normalize=False)
-    return DeviceDecodePlan(SIZE, (0.5, 1.0), hflip, "bicubic", host_transform=host)
+    return DeviceDecodePlan((0.5, 1.0), hflip, host_transform=host)
 
 
 def _batch(samples: list[dict], tokenizer) -> dict:

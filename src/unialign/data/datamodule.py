@@ -119,8 +119,7 @@ class RetrievalDataModule(LightningDataModule):
         self.normalizer = PixelNormalizer(cfg.mean, cfg.std)
         self.device_decoder: DeviceDecoder | None = None
         if cfg.decode == "device":
-            self.train_transform = DeviceDecodePlan(cfg.image_size, cfg.train_scale, cfg.hflip, cfg.interpolation,
-                                                    host_transform=self.train_transform)
+            self.train_transform = DeviceDecodePlan(cfg.train_scale, cfg.hflip, host_transform=self.train_transform)
             self.device_decoder = DeviceDecoder(cfg.image_size, cfg.interpolation)
         self.train_sources: list[RecordSet | WebDatasetSource] = []
         self.val_records: RecordSet | None = None

@@ -53,12 +53,10 @@ class DeviceDecodePlan:
     torchvision's RandomResizedCrop rule and the flip with probability 1/2.
     """
 
-    def __init__(self, image_size: int, scale: tuple[float, float], hflip: bool, interpolation: str,
+    def __init__(self, scale: tuple[float, float], hflip: bool,
                  host_transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.image_size = image_size
         self.scale = scale
         self.hflip = hflip
-        self.interpolation = interpolation
         self.host_transform = host_transform  # uint8 output, for images that stay on the host
 
     def __call__(self, source: str | Path | bytes, name: str) -> dict[str, Any]:
