@@ -251,23 +251,28 @@ def test_init_checkpoint_starts_fine_tuning_from_trained_weights(world, text_mod
         SMKETraining(parse_config(raw).model_dump(mode="json"))
 
 
-def test_ddp_two_processes_through_the_cli(world, text_model_dir, teacher_checkpoint, tmp_path):
-    """The real launch path: Lightning starts rank 1 by re-running the command (gloo on CPU)."""
+def _train_cli(raw: dict, output: Path, *extra: str) -> None:
+    """`unialign train` in a subprocess: with strategy ddp, Lightning starts rank 1 by re-running it."""
     import os
     import subprocess
     import sys
 
     import yaml
 
-    src = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world)}
-    raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [dict(src, splits=["train"])], dict(src),
-                           max_steps=4, strategy="ddp", devices=2, val_every_steps=4)
-    config = tmp_path / "ddp.yaml"
+    config = output.with_suffix(".yaml")
     config.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run([sys.executable, "-m", "unialign", "train", "--config", str(config), "--output",
-                           str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600)
+                           str(output), *extra], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_ddp_two_processes_through_the_cli(world, text_model_dir, teacher_checkpoint, tmp_path):
+    """The real launch path: Lightning starts rank 1 by re-running the command (gloo on CPU)."""
+    src = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world)}
+    raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [dict(src, splits=["train"])], dict(src),
+                           max_steps=4, strategy="ddp", devices=2, val_every_steps=4)
+    _train_cli(raw, tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 4
     assert summary["samples_seen"] == 2 * 4 * 8  # both ranks counted
@@ -276,3 +281,25 @@ def test_ddp_two_processes_through_the_cli(world, text_model_dir, teacher_checkp
     assert int(ckpt["state_dict"]["kd.bank.count"]) == 64  # 4 steps x 16 targets gathered from both ranks
     # each rank has its own dropout stream, and the checkpoint keeps both for a resume
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
+
+
+def test_ddp_resume_matches_uninterrupted_run(world, text_model_dir, teacher_checkpoint, tmp_path):
+    """2 ranks (ddp_spawn, gloo), dropout on: a run that crashes after its step-3 checkpoint and
+    resumes ends with the uninterrupted run's weights. That needs each rank's own RNG state back
+    (restoring rank 0's on both ranks fails here) and both ranks' data positions; it also checks
+    that the end-of-run files come from the spawned workers, not the launching process."""
+    src = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world),
+           "splits": ["train"]}
+    cfg = parse_config(tiny_config_dict(text_model_dir, teacher_checkpoint, [src], max_steps=6,
+                                        strategy="ddp_spawn", devices=2, checkpoint_every_steps=3))
+    full = train(cfg, tmp_path / "full")
+    with pytest.raises(Exception, match="simulated crash"):
+        train(cfg, tmp_path / "part", callbacks=[Crash(at_step=4)])
+    resumed = train(cfg, tmp_path / "part", resume=True)
+    assert full["global_step"] == resumed["global_step"] == 6 and full["world_size"] == 2
+    assert full["samples_seen"] == 6 * 2 * 8
+    a = torch.load(tmp_path / "full" / CHECKPOINT_DIR / FINAL, weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "part" / CHECKPOINT_DIR / FINAL, weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name

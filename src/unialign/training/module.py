@@ -280,8 +280,9 @@ class SMKETraining(L.LightningModule):
         checkpoint["unialign_counters"] = {"seen": self.samples_seen, "bad": self.samples_bad}
         # Every rank's RNG state (ranks draw different dropout masks); every rank runs this hook.
         state = self._rng_state()
-        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            states: list[Any] = [None] * self.trainer.world_size
+        world = self._trainer.world_size if self._trainer is not None else 1  # detached after ddp_spawn
+        if world > 1 and torch.distributed.is_initialized():
+            states: list[Any] = [None] * world
             torch.distributed.all_gather_object(states, state)
         else:
             states = [state]

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 FINAL = "final.ckpt"
+SUMMARY = "summary.json"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,6 +39,41 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
+
+
+class _RunEnd(Callback):
+    """Writes ``last.ckpt``, ``final.ckpt`` and ``summary.json`` when training ends, in the
+    process(es) that trained: under ``ddp_spawn`` the launching process gets the weights back but
+    neither the optimizer nor the loop's progress, so a checkpoint written there would resume
+    from step 0."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.output / CHECKPOINT_DIR / LAST)
+        trainer.save_checkpoint(self.output / CHECKPOINT_DIR / FINAL, weights_only=True)
+        # Counters are per rank; the summary reports the whole run.
+        counters = torch.tensor([pl_module.samples_seen, pl_module.samples_bad], dtype=torch.float64,
+                                device=pl_module.device)
+        seen, bad = trainer.strategy.reduce(counters, reduce_op="sum").tolist()
+        stats = trainer.datamodule.stats
+        summary = {
+            "global_step": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "world_size": trainer.world_size,
+            "samples_seen": int(seen),
+            "samples_bad": int(bad),
+            "empty_captions_skipped": stats.get("train_skipped_empty", 0),
+            "data": stats,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "final_checkpoint": str(self.output / CHECKPOINT_DIR / FINAL),
+        }
+        if trainer.is_global_zero:
+            tmp = self.output / f".{SUMMARY}.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.replace(self.output / SUMMARY)
+        trainer.strategy.barrier("unialign-summary")  # every rank's train() reads it next
 
 
 def _strategy(cfg: Config) -> Strategy | str:
@@ -112,28 +148,9 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
         teacher_transform = module.teacher.train_transform(cfg.data)
     datamodule = RetrievalDataModule(cfg.data, tokenizer, cfg.model.text.max_length, cfg.train.batch_size,
                                      cfg.seed, teacher_transform=teacher_transform)
-    trainer = build_trainer(cfg, output, callbacks)
+    trainer = build_trainer(cfg, output, [*(callbacks or []), _RunEnd(output)])
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
-    trainer.save_checkpoint(last)
-    trainer.save_checkpoint(output / CHECKPOINT_DIR / FINAL, weights_only=True)
-    # Counters are per rank; the summary reports the whole run.
-    seen, bad = trainer.strategy.reduce(torch.tensor([module.samples_seen, module.samples_bad], dtype=torch.float64,
-                                                     device=module.device), reduce_op="sum").tolist()
-    summary = {
-        "global_step": trainer.global_step,
-        "epochs": trainer.current_epoch,
-        "world_size": trainer.world_size,
-        "samples_seen": int(seen),
-        "samples_bad": int(bad),
-        "empty_captions_skipped": datamodule.stats.get("train_skipped_empty", 0),
-        "data": datamodule.stats,
-        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        "final_checkpoint": str(output / CHECKPOINT_DIR / FINAL),
-    }
-    if trainer.is_global_zero:
-        tmp = output / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(output / "summary.json")
+    summary = json.loads((output / SUMMARY).read_text())
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Lightning leaves the process group up; a gloo group torn down at interpreter exit can
         # abort the process ("terminate called without an active exception") after a good run.
