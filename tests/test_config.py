@@ -74,6 +74,8 @@ def test_inconsistent_settings_rejected(tmp_path, raw):
         load_config(_write(tmp_path, raw), ["model.shared.depth=0"])
     with pytest.raises(ConfigError, match="teacher.enabled is false"):
         load_config(_write(tmp_path, raw), ["teacher.enabled=false"])
+    with pytest.raises(ConfigError, match="train.strategy: fsdp needs a GPU"):
+        load_config(_write(tmp_path, raw), ["train.strategy=fsdp", "train.accelerator=cpu"])
 
 
 def test_overrides_parse_yaml_values_and_index_lists(raw):

@@ -125,6 +125,16 @@ def test_resume_matches_uninterrupted_run(world, text_model_dir, teacher_checkpo
         assert torch.allclose(a[name], b[name], atol=1e-5), name
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_fsdp_without_a_gpu_is_refused_before_any_work(world, text_model_dir, teacher_checkpoint, tmp_path):
+    from unialign.config import ConfigError
+
+    cfg = parse_config(_config(world, text_model_dir, teacher_checkpoint, strategy="fsdp", accelerator="auto"))
+    with pytest.raises(ConfigError, match="fsdp needs a GPU"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_output_dir_with_a_run_needs_resume(world, text_model_dir, teacher_checkpoint, tmp_path):
     cfg = parse_config(_config(world, text_model_dir, teacher_checkpoint, max_steps=2))
     with pytest.raises(FileNotFoundError, match="--resume given but"):

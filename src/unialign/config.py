@@ -195,6 +195,13 @@ class TrainConfig(_Strict):
     # torch.compile the towers, shared block(s) and online teacher (in place: same state_dict keys)
     compile: bool = False
 
+    @model_validator(mode="after")
+    def _fsdp_needs_gpu(self) -> "TrainConfig":
+        if self.strategy == "fsdp" and self.accelerator == "cpu":
+            raise ValueError("train.strategy: fsdp needs a GPU (Lightning has no FSDP on accelerator cpu); "
+                             "use train.strategy: ddp on CPU")
+        return self
+
 
 class Config(_Strict):
     seed: int = 0

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 
-from ..config import Config, save_config
+from ..config import Config, ConfigError, save_config
 from ..data import RetrievalDataModule
 from ..model.factory import create_tokenizer
 from ..model.smke import SharedBlock
@@ -132,6 +132,9 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
           callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Train from a validated config; `resume` continues from the output directory's last checkpoint."""
     output = Path(output)
+    if cfg.train.strategy == "fsdp" and not torch.cuda.is_available():
+        raise ConfigError("train.strategy: fsdp needs a GPU and this machine has none visible; "
+                          "use train.strategy: ddp")
     last = output / CHECKPOINT_DIR / LAST
     if resume and not last.is_file():
         raise FileNotFoundError(f"--resume given but {last} does not exist")
