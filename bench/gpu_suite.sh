@@ -9,7 +9,8 @@
 # Arguments after the part go to every benchmark it runs (`bash bench/gpu_suite.sh data --small`
 # checks the plumbing on any machine). Each part writes PART.json and PART.log into $OUT (the device tool's output folder) or
 # bench_out/, and a Markdown table (bench/perf_table.py) into PART.md. Wheels in .whl (made by
-# bench/device_wheels.sh) are installed first when present; unialign itself runs from src/.
+# bench/device_wheels.sh) are installed first where unialign's needs are missing; unialign itself
+# runs from src/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?"which part: step, compile, data or eval"}
@@ -17,7 +18,7 @@ shift
 extra=("$@")
 out=${OUT:-bench_out}
 mkdir -p "$out"
-if [ -d .whl ]; then
+if [ -d .whl ] && ! python3 -c "import pydantic, webdataset" 2>/dev/null; then  # only where they are missing
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
