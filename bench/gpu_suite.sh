@@ -5,6 +5,7 @@
 #   bash bench/gpu_suite.sh compile   # torch.compile twins + the text-32 rerun
 #   bash bench/gpu_suite.sh data      # input pipeline: CPU workers, data.decode: device (nvJPEG)
 #   bash bench/gpu_suite.sh eval      # COCO-5K-sized encode + rank, fp32 and bf16
+#   bash bench/gpu_suite.sh tests     # the tests that need CUDA (nvJPEG stream safety), then the speed tests
 #
 # Arguments after the part go to every benchmark it runs (`bash bench/gpu_suite.sh data --small`
 # checks the plumbing on any machine). Each part writes PART.json and PART.log into $OUT (the device tool's output folder) or
@@ -13,12 +14,12 @@
 # runs from src/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?"which part: step, compile, data or eval"}
+part=${1:?"which part: step, compile, data, eval or tests"}
 shift
 extra=("$@")
 out=${OUT:-bench_out}
 mkdir -p "$out"
-if [ -d .whl ] && ! python3 -c "import pydantic, webdataset" 2>/dev/null; then  # only where they are missing
+if [ -d .whl ] && ! python3 -c "import pydantic, webdataset, pytest" 2>/dev/null; then  # only where they are missing
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -43,5 +44,8 @@ case $part in
             --variants unialign-bf16-online,unialign-bf16-cached,clip-vit-b16-bert-base ;;
     data) run data data.py --workdir /tmp/ua_data ;;
     eval) run eval eval.py --workdir /tmp/ua_eval ;;
-    *) echo "unknown part $part (step, compile, data, eval)" >&2; exit 2 ;;
+    tests)
+        python3 -m pytest -q -p no:cacheprovider tests/test_device_decode.py tests/test_speed_features.py \
+            "${extra[@]}" 2>&1 | tee "$out/tests.log" ;;
+    *) echo "unknown part $part (step, compile, data, eval, tests)" >&2; exit 2 ;;
 esac

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.io import decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 from transformers import AutoTokenizer
 
@@ -20,6 +23,7 @@ from conftest import tiny_config_dict
 from unialign.config import ConfigError, DataConfig, ManifestSource, parse_config
 from unialign.data import Collator, RetrievalDataModule, build_image_transform, load_image
 from unialign.data.datasets import make_sample
+from unialign.data import device_decode
 from unialign.data.device_decode import DeviceDecodePlan, DeviceDecoder
 from unialign.training.trainer import train
 
@@ -122,6 +126,96 @@ def test_undecodable_jpeg_is_dropped_and_counted(images, tokenizer) -> None:
     empty = DeviceDecoder(SIZE, "bicubic")(_batch([samples[1]], tokenizer), torch.device("cpu"))
     assert empty["size"] == 0 and empty["image"].shape[0] == 0
 
+
+
+class _FakeStream:
+    """Stands in for ``torch.cuda.Stream`` and logs what is done with it."""
+
+    def __init__(self, name: str, log: list[tuple]) -> None:
+        self.name, self.log = name, log
+
+    def synchronize(self) -> None:
+        self.log.append(("host waits for", self.name))
+
+    def wait_stream(self, other: _FakeStream) -> None:
+        self.log.append((self.name, "waits for", other.name))
+
+
+def test_cuda_decode_runs_on_a_side_stream_the_training_stream_waits_for(images, tokenizer, monkeypatch) -> None:
+    """nvJPEG allocates from the current stream but writes from a private, unordered one
+    (pytorch/vision#9606), so the decode must not run with the training stream current.
+
+    CI has no GPU: CUDA's stream API is replaced by loggers, the decode by torchvision's CPU
+    decoder; the order of events is what is checked (the real thing runs in the next test)."""
+    log: list[tuple] = []
+    main = _FakeStream("training", log)
+    current = [main]
+    made_streams: list[_FakeStream] = []
+
+    def new_stream(device: torch.device) -> _FakeStream:
+        made_streams.append(_FakeStream("decode", log))
+        return made_streams[-1]
+
+    @contextmanager
+    def use(stream: _FakeStream) -> Iterator[None]:
+        current.append(stream)
+        yield
+        current.pop()
+
+    def decode(raw, mode, device):
+        log.append(("decode on", current[-1].name, "batch" if isinstance(raw, list) else "one"))
+        return decode_jpeg(raw, mode=mode, device="cpu")
+
+    monkeypatch.setattr(torch.cuda, "Stream", new_stream)
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("host waits for", "device")))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: log.append(("kept for", stream.name)))
+    monkeypatch.setattr(device_decode, "decode_jpeg", decode)
+
+    plan = _plan()
+    samples = [make_sample(images[n], n, f"caption {n}", i, plan, None, seed=i)
+               for i, n in enumerate(["wide", "tall", "gray"])]
+    decoder = DeviceDecoder(SIZE, "bicubic")
+    out = decoder(_batch(samples, tokenizer), torch.device("cuda", 0))
+    assert log == [("host waits for", "decode"), ("decode on", "decode", "batch"),
+                   ("training", "waits for", "decode")] + [("kept for", "training")] * 3
+    expected = DeviceDecoder(SIZE, "bicubic")(_batch(samples, tokenizer), torch.device("cpu"))
+    assert torch.equal(out["image"], expected["image"])
+
+    # A batch the decoder rejects: the device is drained before the per-image retries reuse memory.
+    log.clear()
+    broken = make_sample(images["truncated"], "truncated", "c", 9, plan, None, seed=9)
+    out = decoder(_batch([samples[0], broken], tokenizer), torch.device("cuda", 0))
+    assert log == [("host waits for", "decode"), ("decode on", "decode", "batch"), ("host waits for", "device"),
+                   ("decode on", "decode", "one"), ("decode on", "decode", "one"),
+                   ("training", "waits for", "decode"), ("kept for", "training")]
+    assert out["size"] == 1 and len(made_streams) == 1  # one decode stream per device, reused
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG); run by bench/gpu_suite.sh tests")
+def test_cuda_decode_leaves_memory_queued_kernels_still_read_alone(images, tokenizer) -> None:
+    """The hazard itself (after pytorch/vision#9606's reproducer): fill blocks, queue a long
+    kernel and then reads of them, free them, decode. A decoder handed one of those blocks
+    overwrites it before the reads run, and a sum comes out wrong."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    plan = _plan()
+    samples = [make_sample(images["wide"], "wide", "c", i, plan, None, seed=i) for i in range(8)]
+    decoder = DeviceDecoder(SIZE, "bicubic")
+    height, width = 60, 90  # the decoded size of "wide": the blocks the decoder will ask for
+    numel = 3 * height * width // 4  # as float32
+    corrupted = 0
+    for _ in range(50):
+        victims = [torch.ones(numel, device=device) for _ in range(32)]
+        torch.cuda.synchronize(device)
+        torch.cuda._sleep(20_000_000)  # keeps the training stream busy while the decode runs
+        sums = torch.stack([v.sum() for v in victims])
+        del victims
+        out = decoder(_batch(samples, tokenizer), device)
+        torch.cuda.synchronize(device)
+        corrupted += int((sums != numel).any())
+        assert out["image"].shape == (8, 3, SIZE, SIZE)
+    assert corrupted == 0
 
 def _jpeg_world(root: Path, n: int = 32) -> Path:
     rng = np.random.default_rng(1)

@@ -14,12 +14,23 @@ decode either is dropped from the batch and counted like any other bad sample.
 
 Values differ slightly from the host path (torch's antialiased bicubic instead of PIL's, and
 a different JPEG decoder), so this is a choice of the run, not a drop-in identity.
+
+On CUDA the decode and crops run on a side stream of their own. torchvision's nvJPEG decoder
+allocates its outputs from the *current* stream's memory pool but writes them from a private
+stream that never waits for the current one (torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp;
+pytorch/vision#9606 reproduces the corruption on an H100). Called on the training stream, it
+can be handed a block that the previous step's queued kernels still read, and overwrite it.
+On the side stream every block it can be handed is idle: the side stream's own earlier work is
+waited for first (one short host wait, normally already finished), and the images passed to
+the training stream are marked as used there (``record_stream``), so the allocator keeps
+them until the training stream is done with them.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +108,7 @@ class DeviceDecoder:
     def __init__(self, image_size: int, interpolation: str) -> None:
         self.size = [image_size, image_size]
         self.mode = INTERPOLATIONS[interpolation]
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def __call__(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         if "jpeg" not in batch:
@@ -105,8 +117,38 @@ class DeviceDecoder:
         slots: list[torch.Tensor | None] = [None] * batch["size"]
         for slot, image in zip(batch.pop("image_slots"), batch["image"], strict=True):
             slots[slot] = image
-        decoded = self._decode(jpeg["data"], device)
+        side = self._side_stream(device)
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            made, dropped = self._decode_and_crop(jpeg, device)
+        if side is not None:
+            main = torch.cuda.current_stream(device)
+            main.wait_stream(side)
+            for image in made.values():
+                image.record_stream(main)
+        for slot, image in made.items():
+            slots[slot] = image
+        if dropped:
+            batch = drop_samples(batch, dropped)
+        kept = [s for s in slots if s is not None]
+        batch["image"] = torch.stack(kept) if kept else torch.zeros(0, 3, 0, 0, dtype=torch.uint8, device=device)
+        return batch
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        """CUDA: this device's decode stream, its previous batch finished; elsewhere ``None``."""
+        if device.type != "cuda":
+            return None
+        if device not in self._side_streams:
+            self._side_streams[device] = torch.cuda.Stream(device)
+        stream = self._side_streams[device]
+        stream.synchronize()  # its freed blocks (last batch's full-size decodes) are no longer read
+        return stream
+
+    def _decode_and_crop(self, jpeg: dict[str, list], device: torch.device
+                         ) -> tuple[dict[int, torch.Tensor], list[tuple[int, str, str]]]:
+        """Decode the batch's JPEGs and crop/resize/flip them: images by slot, and the dropped ones."""
+        made: dict[int, torch.Tensor] = {}
         dropped: list[tuple[int, str, str]] = []
+        decoded = self._decode(jpeg["data"], device)
         for slot, data, name, image, (top, left, h, w), flip in zip(
                 jpeg["slots"], jpeg["data"], jpeg["name"], decoded, jpeg["crop"], jpeg["flip"], strict=True):
             if image is None:
@@ -115,12 +157,8 @@ class DeviceDecoder:
                 dropped.append((slot, name, image))
                 continue
             out = TF.resized_crop(image, top, left, h, w, self.size, interpolation=self.mode, antialias=True)
-            slots[slot] = out.flip(-1) if flip else out
-        if dropped:
-            batch = drop_samples(batch, dropped)
-        kept = [s for s in slots if s is not None]
-        batch["image"] = torch.stack(kept) if kept else torch.zeros(0, 3, 0, 0, dtype=torch.uint8, device=device)
-        return batch
+            made[slot] = out.flip(-1) if flip else out
+        return made, dropped
 
     @staticmethod
     def _decode(data: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
@@ -131,6 +169,10 @@ class DeviceDecoder:
         try:
             return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:
+            if device.type == "cuda":
+                # The failed call may leave writes queued on nvJPEG's private stream into
+                # blocks it has just freed: wait for them before anything reuses those blocks.
+                torch.cuda.synchronize(device)
             out: list[torch.Tensor | None] = []
             for r in raw:
                 try:
