@@ -270,3 +270,42 @@ def test_device_decode_config_conflicts_are_rejected(tmp_path, text_model_dir, t
     raw["teacher"]["view"] = "separate"
     with pytest.raises(ConfigError, match="teacher.view: separate needs data.decode: host"):
         parse_config(raw)
+
+
+def test_teacher_cache_pass_decodes_on_the_device(tmp_path, text_model_dir, teacher_checkpoint) -> None:
+    from unialign.data.transforms import PixelNormalizer
+    from unialign.model.teacher import Teacher
+    from unialign.training.teacher_cache import TeacherCache, TeacherCacheError, build_teacher_cache
+
+    manifest = _jpeg_world(tmp_path, 12)
+    raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [{"type": "manifest", "path": str(manifest),
+                                                                  "images": str(tmp_path)}])
+    raw["data"]["decode"] = "device"
+    cfg = parse_config(raw)
+    kw = {"num_workers": 0, "progress": False, "dtype": "float32", "batch_size": 5, "chunk_size": 5}
+    cache = TeacherCache.open(build_teacher_cache(cfg, tmp_path / "device", **kw))
+    assert cache.meta["decode"] == "device" and cache.meta["count"] == 12 and cache.meta["skipped_unreadable"] == 1
+    assert "broken.jpg" in (tmp_path / "device" / "bad_samples.tsv").read_text()
+
+    # Independent reference for the device's eval view: torchvision's decoder, a square resize, the teacher.
+    teacher = Teacher(cfg.teacher).eval()
+    normalize = PixelNormalizer(cfg.data.mean, cfg.data.std)
+    pixels = torch.stack([TF.resize(decode_jpeg(torch.frombuffer(bytearray((tmp_path / "img" / f"{i}.jpg")
+                                                                            .read_bytes()), dtype=torch.uint8)),
+                                    [SIZE, SIZE], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+                          for i in range(12)])
+    with torch.no_grad():
+        expected = teacher(normalize(pixels))
+    torch.testing.assert_close(cache.lookup(torch.arange(12)), expected, rtol=0, atol=1e-5)
+
+    # The host-decoded cache of the same images differs only by the decoders' rounding.
+    raw["data"]["decode"] = "host"
+    host = TeacherCache.open(build_teacher_cache(parse_config(raw), tmp_path / "host", **kw))
+    assert host.meta["decode"] == "host"
+    cosine = (host.lookup(torch.arange(12)) * cache.lookup(torch.arange(12))).sum(-1)
+    assert cosine.min() > 0.99 and not torch.equal(host.lookup(torch.arange(12)), cache.lookup(torch.arange(12)))
+
+    # An unfinished build is never continued with the other decoder (its parts would mix both).
+    build_teacher_cache(parse_config(raw), tmp_path / "half", max_units=1, **kw)
+    with pytest.raises(TeacherCacheError, match="another teacher, view, dtype, decoder or data"):
+        build_teacher_cache(cfg, tmp_path / "half", **kw)

@@ -61,10 +61,11 @@ class DeviceDecodePlan:
     """Host half: JPEG header -> (bytes, crop box, flip); other images -> the host transform.
 
     Called under the sample's seeded RNG (see ``make_sample``); draws the crop with
-    torchvision's RandomResizedCrop rule and the flip with probability 1/2.
+    torchvision's RandomResizedCrop rule and the flip with probability 1/2. ``scale=None``
+    plans the evaluation view instead: the whole image (resized to a square), never flipped.
     """
 
-    def __init__(self, scale: tuple[float, float], hflip: bool,
+    def __init__(self, scale: tuple[float, float] | None, hflip: bool,
                  host_transform: Callable[[Image.Image], torch.Tensor]) -> None:
         self.scale = scale
         self.hflip = hflip
@@ -78,7 +79,10 @@ class DeviceDecodePlan:
             with Image.open(io.BytesIO(data)) as header:  # reads the header only
                 if header.mode not in ("L", "RGB"):  # CMYK/YCCK: leave them to PIL
                     return {"image": self.host_transform(load_image(data, name=name))}
-                top, left, height, width = RandomResizedCrop.get_params(header, list(self.scale), [3 / 4, 4 / 3])
+                if self.scale is None:
+                    top, left, height, width = 0, 0, header.height, header.width
+                else:
+                    top, left, height, width = RandomResizedCrop.get_params(header, list(self.scale), [3 / 4, 4 / 3])
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise ImageLoadError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
         flip = self.hflip and bool(torch.rand(1) < 0.5)

@@ -8,7 +8,9 @@ every training image and writes, per IMAGE (not per pair: captions of one image 
 - ``image_ids.npy`` (N,) int64, sorted ascending: ``np.searchsorted`` gives the row
 - ``meta.json``     what the targets depend on (teacher name, checkpoint sha256, block,
   after_norm, kwargs; image size, interpolation, mean/std of the teacher's view) plus count,
-  dim and dtype. Written last: a directory without it is not a cache.
+  dim and dtype, and which decoder made the pixels (``data.decode``: PIL on the host, or the
+  device's JPEG decoder with the same resize as training's ``data.decode: device``). Written
+  last: a directory without it is not a cache.
 - ``bad_samples.tsv`` images that could not be read (training skips them as well)
 
 Training with ``teacher.cache: CACHE_DIR`` checks meta.json against the config (a mismatch is
@@ -41,7 +43,7 @@ import logging
 import mmap
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,12 +284,19 @@ def _plan(cfg: Config, chunk_size: int) -> list[_Unit]:
 
 
 class _UnitImages(IterableDataset):
-    """Decoded eval-view images of the given units, batched inside each unit; units are dealt
-    round-robin to DataLoader workers. Every unit ends with one item flagged ``last``."""
+    """Eval-view images of the given units, batched inside each unit; units are dealt
+    round-robin to DataLoader workers. Every unit ends with one item flagged ``last``.
 
-    def __init__(self, units: Sequence[_Unit], transform: Any, batch_size: int) -> None:
+    ``prepare(image, name)`` gives ``{"image": uint8 tensor}`` (decoded here) or, with
+    ``data.decode: device``, a planned JPEG that the main process decodes on the device; the
+    batches have the training batches' layout (``collate_planned``) so the same
+    ``DeviceDecoder`` finishes them.
+    """
+
+    def __init__(self, units: Sequence[_Unit], prepare: Callable[[str | bytes, str], dict[str, Any]],
+                 batch_size: int) -> None:
         self.units = list(units)
-        self.transform = transform
+        self.prepare = prepare
         self.batch_size = batch_size
 
     def _samples(self, unit: _Unit) -> Iterator[tuple[str | bytes, str, int] | tuple[str, str]]:
@@ -311,12 +320,12 @@ class _UnitImages(IterableDataset):
                 yield image, name, image_id
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from ..data.images import ImageLoadError, load_image
+        from ..data.images import ImageLoadError
 
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for unit in self.units[worker::n_workers]:
-            pixels: list[torch.Tensor] = []
+            samples: list[dict[str, Any]] = []
             ids: list[int] = []
             bad: list[tuple[str, str]] = []
             for sample in self._samples(unit):
@@ -325,20 +334,22 @@ class _UnitImages(IterableDataset):
                     continue
                 image, name, image_id = sample  # type: ignore[misc]
                 try:
-                    pixels.append(self.transform(load_image(image, name=name)))
+                    samples.append(self.prepare(image, name))
                     ids.append(image_id)
                 except ImageLoadError as err:
                     bad.append((name, str(err)))
-                if len(pixels) == self.batch_size:
-                    yield self._batch(unit, pixels, ids, bad, last=False)
-                    pixels, ids, bad = [], [], []
-            yield self._batch(unit, pixels, ids, bad, last=True)
+                if len(samples) == self.batch_size:
+                    yield self._batch(unit, samples, ids, bad, last=False)
+                    samples, ids, bad = [], [], []
+            yield self._batch(unit, samples, ids, bad, last=True)
 
     @staticmethod
-    def _batch(unit: _Unit, pixels: list[torch.Tensor], ids: list[int], bad: list[tuple[str, str]],
+    def _batch(unit: _Unit, samples: list[dict[str, Any]], ids: list[int], bad: list[tuple[str, str]],
                last: bool) -> dict[str, Any]:
-        return {"unit": unit.key, "pixels": torch.stack(pixels) if pixels else None,
-                "ids": torch.tensor(ids, dtype=torch.int64), "bad": bad, "last": last}
+        from ..data.device_decode import collate_planned
+
+        return {**collate_planned(samples), "size": len(samples), "ids": torch.tensor(ids, dtype=torch.int64),
+                "unit": unit.key, "skipped": bad, "last": last}
 
 
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -367,6 +378,8 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
     ``precision`` is the teacher's autocast ("32", "bf16", "16"; default bf16 on CUDA, 32
     otherwise). ``max_units`` stops after that many units (simulates an interruption; tests).
     """
+    from ..data.device_decode import DeviceDecodePlan, DeviceDecoder
+    from ..data.images import load_image
     from ..data.transforms import PixelNormalizer, build_image_transform
     from ..model.teacher import Teacher
 
@@ -399,15 +412,15 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
 
     units = _plan(cfg, chunk_size)
     # What each unit holds (shard URL, or a digest of its images): parts of another plan never mix.
-    plan = {"identity": identity, "dtype": dtype, "chunk_size": chunk_size,
+    plan = {"identity": identity, "dtype": dtype, "chunk_size": chunk_size, "decode": cfg.data.decode,
             "units": [[u.key, u.url or hashlib.blake2b(repr(u.items).encode(), digest_size=8).hexdigest()]
                       for u in units]}
     plan_file = parts / "plan.json"
     if plan_file.is_file():
         old = json.loads(plan_file.read_text())
         if old != json.loads(json.dumps(plan)):
-            raise TeacherCacheError(f"{parts} holds an unfinished build for another teacher, view, dtype or data "
-                                    "(pass --overwrite to start over)")
+            raise TeacherCacheError(f"{parts} holds an unfinished build for another teacher, view, dtype, decoder "
+                                    "or data (pass --overwrite to start over)")
     else:
         _atomic_write_text(plan_file, json.dumps(plan))
     done = {u.key for u in units if (parts / f"{u.key}.npz").is_file()}
@@ -425,9 +438,12 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
         transform = build_image_transform(d.image_size, mean, std, train=False, interpolation=d.interpolation,
                                           normalize=False)
         normalizer = PixelNormalizer(mean, std)
+        decoder = DeviceDecoder(d.image_size, d.interpolation) if d.decode == "device" else None
+        prepare = (DeviceDecodePlan(None, False, host_transform=transform) if decoder is not None
+                   else lambda image, name: {"image": transform(load_image(image, name=name))})
         workers = d.num_workers if num_workers is None else num_workers
         on_cuda = torch.device(device).type == "cuda"
-        loader = DataLoader(_UnitImages(todo, transform, batch_size), batch_size=None, num_workers=workers,
+        loader = DataLoader(_UnitImages(todo, prepare, batch_size), batch_size=None, num_workers=workers,
                             pin_memory=on_cuda)
         autocast = _AUTOCAST[precision]
         from tqdm import tqdm
@@ -437,14 +453,17 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
         pending: dict[str, dict[str, list[Any]]] = {}
         for batch in loader:
             state = pending.setdefault(batch["unit"], {"ids": [], "targets": [], "bad": []})
-            if batch["pixels"] is not None:
+            batch["image"] = batch["image"].to(device, non_blocking=True)
+            if decoder is not None:
+                batch = decoder(batch, torch.device(device))  # drops (and lists) JPEGs nothing can decode
+            if batch["size"]:
                 ctx = torch.autocast(torch.device(device).type, dtype=autocast) if autocast else nullcontext()
                 with ctx:
-                    targets = teacher(normalizer(batch["pixels"].to(device, non_blocking=True)))
+                    targets = teacher(normalizer(batch["image"]))
                 state["targets"].append(targets.float().cpu().numpy().astype(_DTYPES[dtype]))
                 state["ids"].append(batch["ids"].numpy())
-            state["bad"] += batch["bad"]
-            bar.update(len(batch["ids"]) + len(batch["bad"]))
+            state["bad"] += batch["skipped"]
+            bar.update(batch["size"] + len(batch["skipped"]))
             if batch["last"]:
                 state = pending.pop(batch["unit"])
                 dim = teacher.width
@@ -459,11 +478,12 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
     if missing_units:
         log.info("teacher cache %s: %d unit(s) left; rerun to continue", output, len(missing_units))
         return output
-    _assemble(output, units, identity, dtype, precision)
+    _assemble(output, units, identity, dtype, precision, cfg.data.decode)
     return output
 
 
-def _assemble(output: Path, units: Sequence[_Unit], identity: dict[str, Any], dtype: str, precision: str) -> None:
+def _assemble(output: Path, units: Sequence[_Unit], identity: dict[str, Any], dtype: str, precision: str,
+              decode: str) -> None:
     """Parts -> sorted, deduplicated final files; meta.json last, then the parts are removed."""
     from numpy.lib.format import open_memmap
 
@@ -502,6 +522,7 @@ def _assemble(output: Path, units: Sequence[_Unit], identity: dict[str, Any], dt
     duplicates = len(all_ids) - len(ids)
     meta = {"format": FORMAT, "version": VERSION, "identity": identity, "count": len(ids), "dim": int(dim or 0),
             "dtype": dtype, "teacher_precision": precision, "view": "eval (resize to image_size, no crop, no flip)",
+            "decode": decode,
             "skipped_unreadable": len(bad), "duplicate_ids_dropped": int(duplicates)}
     _atomic_write_text(output / META, json.dumps(meta, indent=2))
     shutil.rmtree(parts)
