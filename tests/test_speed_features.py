@@ -427,6 +427,35 @@ def test_training_step_reads_no_device_values(world, text_model_dir, teacher_che
         assert ours == [], "\n".join(ours)
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run by bench/gpu_suite.sh tests")
+def test_training_step_has_no_cuda_sync(world, text_model_dir, teacher_checkpoint, cache_dir):
+    """CUDA's own detector (``set_sync_debug_mode("error")``) over a whole bf16 step with fused
+    AdamW: it also catches syncs inside ATen ops (nonzero, boolean indexing, ...), which the
+    Python-level detector above cannot see."""
+    raw = _raw(world, text_model_dir, teacher_checkpoint)
+    for variant in (raw, _with_cache(raw, cache_dir)):
+        cfg = parse_config(variant)
+        module = SMKETraining(cfg.model_dump(mode="json")).cuda().train()
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4, fused=True)
+        batches = _batches(cfg, 3)
+        for batch in batches:
+            if module.teacher_cache is not None:
+                batch["teacher_target"] = module.teacher_cache.lookup(batch["image_id"])
+        batches = [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+        torch.cuda.synchronize()
+        for i, batch in enumerate(batches):  # the last step runs with the bank full and wrapping
+            torch.cuda.set_sync_debug_mode("error" if i == len(batches) - 1 else "default")
+            try:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = module._losses(batch)["loss"]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert torch.isfinite(loss).item()
+
 def test_text_tower_mask_needs_no_device_values(text_model_dir):
     from unialign.model.towers import TextTower
 
