@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unialign.files import write_json_atomic
 from unialign.machine import machine_info
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + (f"  ({r['x_baseline']}x unialign_w0)" if "x_baseline" in r else ""))
     print(f"a 1-hour SPEC run needs {NEEDED_PAIRS_PER_S:,.0f} pairs/s")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
     return result
 

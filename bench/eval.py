@@ -20,7 +20,6 @@ issue's goal (COCO 5K in < 30 s).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import TINY_BERT, unialign_config
 
+from unialign.files import write_json_atomic
 from unialign.machine import machine_info
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"best total {min(r['total_s'] for r in result['runs'].values()):.2f} s"))
     print(result["goal"])
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
     return result
 

@@ -50,6 +50,7 @@ from unialign.demo import (
     steps_per_run,
     with_teacher_cache,
 )
+from unialign.files import write_json_atomic, write_text_atomic
 from unialign.machine import machine_info
 from unialign.report import (
     RECALL_HEADERS,
@@ -293,7 +294,7 @@ def write_report(report: Path, runs: dict[str, Any], base: dict[str, Any], conte
         sections += [markdown_table(("variant", "seeds", *RECALL_HEADERS), rows), ""]
         if png:
             sections += [f"![{group.name}]({png.name})", ""]
-    (report.parent / f"{stem}.json").write_text(json.dumps({**summary, "runs": runs}, indent=2))
+    write_json_atomic(report.parent / f"{stem}.json", {**summary, "runs": runs})
     not_run = [g.name for g in all_groups.values() if summary["groups"][g.name]["verdict"] == "not run"]
     if not_run:
         sections += ["## Not run", "",
@@ -329,7 +330,7 @@ def write_report(report: Path, runs: dict[str, Any], base: dict[str, Any], conte
         "",
         *sections,
     ]
-    report.write_text("\n".join(lines) + "\n")
+    write_text_atomic(report, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -403,9 +404,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
             out = run_one(raw, args.out / scale_key / run_id, assets, bar, variant.label)
             store["runs"][run_id] = {"group": group.name, "variant": variant.label, "seed": seed,
                                      "overrides": variant.overrides, **out}
-            tmp = results_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=2))
-            tmp.replace(results_file)
+            write_json_atomic(results_file, results)
 
     done = store["runs"].values()
     context = {

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from unialign.files import write_json_atomic
 from unialign.machine import machine_info
 
 
@@ -358,7 +359,7 @@ def emit(result: dict[str, Any], json_path: str | None, printer: Any) -> None:
         return
     printer(result)
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(json_path, result)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unialign.data.transforms import PixelNormalizer
+from unialign.files import write_json_atomic
 from unialign.machine import machine_info
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -564,7 +565,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print("   breakdown (ms): " + ", ".join(f"{k} {v}" for k, v in b.items() if k != "clock"))
     summarize(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
     return result
 

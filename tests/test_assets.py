@@ -37,6 +37,7 @@ from unialign.assets.fashion_mnist import (
 from unialign.assets.tuxpaint import assign_splits, import_tuxpaint, scan_stamps
 from unialign.data.images import load_image
 from unialign.data.records import read_karpathy_eval, read_manifest
+from unialign.files import write_json_atomic
 
 STATUS = check_assets()
 
@@ -264,9 +265,9 @@ def test_staged_dir_leaves_the_destination_alone_on_error(tmp_path: Path) -> Non
 def test_staged_dir_replaces_with_normal_permissions(tmp_path: Path) -> None:
     dest = tmp_path / "out"
     with staged_dir(dest, "mark.json") as stage:
-        common.write_json_atomic(stage / "mark.json", {"n": 1})
+        write_json_atomic(stage / "mark.json", {"n": 1})
     with staged_dir(dest, "mark.json") as stage:
-        common.write_json_atomic(stage / "mark.json", {"n": 2})
+        write_json_atomic(stage / "mark.json", {"n": 2})
     mask = os.umask(0)
     os.umask(mask)
     assert common.read_marker(dest, "mark.json") == {"n": 2}

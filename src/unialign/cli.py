@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_path, write_text_atomic
+
 
 def _train(args: argparse.Namespace) -> None:
     from .config import load_config
@@ -26,6 +28,7 @@ def _embed(args: argparse.Namespace) -> None:
     device = args.device or default_device()
     model, preprocess, tokenizer = load(args.checkpoint, device=device)
     out = Path(args.output)
+    out = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")  # as np.save names it
     if args.images:
         root = Path(args.images)
         if not root.is_dir():
@@ -42,9 +45,9 @@ def _embed(args: argparse.Namespace) -> None:
             raise SystemExit(f"--texts {text_file} does not exist")
         names = [line.strip() for line in text_file.read_text().splitlines() if line.strip()]
         emb, skipped = encode_texts(model, tokenizer, names, device=device), []
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, emb.numpy().astype(np.float32))
-    out.with_suffix(".txt").write_text("\n".join(names) + "\n")
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.save(f, emb.numpy().astype(np.float32))
+    write_text_atomic(out.with_suffix(".txt"), "\n".join(names) + "\n")
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} (row names in {out.with_suffix('.txt')})"
           + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else ""))
 

@@ -351,7 +351,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_path
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (atomically) so a run can be inspected and repeated."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
+    from .files import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from .assets import check_assets
 from .config import Config
+from .files import write_json_atomic, write_text_atomic
 from .machine import machine_info
 from .report import (
     RECALL_HEADERS,
@@ -429,7 +430,7 @@ def write_report(output: Path, report: dict[str, Any]) -> dict[str, Path]:
     plot = plot_recalls([row.label for row in ROWS], [results[row.key] for row in ROWS], output / "recall.png",
                         f"retrieval on {report['eval']['name']} ({report['eval']['images']} images)")
     report["files"] = {"json": "report.json", "markdown": "report.md", "plot": plot.name if plot else None}
-    (output / "report.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(output / "report.json", report)
     headers = ("model", *RECALL_HEADERS)
     e = report["eval"]
     lines = [
@@ -458,7 +459,7 @@ def write_report(output: Path, report: dict[str, Any]) -> dict[str, Path]:
     for ex in report["search"]:
         hits = ", ".join(f"{t['file']}{' (correct)' if t['correct'] else ''}" for t in ex["top"])
         lines.append(f"- \"{ex['query']}\" -> {hits} [answer: {ex['correct']}]")
-    (output / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(output / "report.md", "\n".join(lines) + "\n")
     return {"json": output / "report.json", "markdown": output / "report.md", **({"plot": plot} if plot else {})}
 
 
@@ -505,7 +506,7 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
 
     from .config import parse_config
     from .data.records import read_karpathy_eval
-    from .evaluation.run import evaluate_retrieval, write_json
+    from .evaluation.run import evaluate_retrieval
     from .training.trainer import CHECKPOINT_DIR, FINAL
 
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -554,7 +555,7 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
             else:
                 result = evaluate_retrieval(run_dir / CHECKPOINT_DIR / FINAL, assets.eval_json, assets.eval_images,
                                             "test", progress=False)
-                write_json(result, result_file)
+                write_json_atomic(result_file, result)
             results[row.key] = result
             times[f"eval_{row.key}"] = time.perf_counter() - t0
             bar.update(1)

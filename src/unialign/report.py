@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_path
+
 RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 RECALL_HEADERS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "mean")
 MATPLOTLIB_INSTALL = "pip install matplotlib"
@@ -81,7 +83,7 @@ def plot_recalls(labels: Sequence[str], means: Sequence[dict[str, float]], path:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip("."))
     plt.close(fig)
     return path

@@ -1,4 +1,4 @@
-"""Helpers shared by the asset importers: the missing-asset error, hashing and atomic writes."""
+"""Helpers shared by the asset importers: the missing-asset error, hashing, staged folders."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
+
+from ..files import UMASK
 
 
 class AssetMissing(FileNotFoundError):
@@ -47,32 +49,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _normal_permissions(root: Path) -> None:
     """Give temp-file-made paths (created 0600/0700) the modes a plain write would have had."""
-    mask = _umask()
     for path in [root, *root.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temp file + rename, so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
 
 
 def read_marker(directory: Path, marker: str) -> dict[str, Any] | None:

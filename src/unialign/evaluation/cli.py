@@ -32,11 +32,11 @@ def _friendly(handler: Callable[[argparse.Namespace], None]) -> Callable[[argpar
 
 
 def _finish(result: dict[str, Any], args: argparse.Namespace, keys: tuple[str, ...]) -> None:
-    from .run import write_json
+    from ..files import write_json_atomic
 
     if getattr(args, "name", None):
         result["model"] = args.name
-    write_json(result, args.output)
+    write_json_atomic(args.output, result)
     shown = [k for k in keys if isinstance(result.get(k), (int, float))]
     print("| " + " | ".join(shown) + " |\n|" + "---|" * len(shown))
     print("| " + " | ".join(f"{result[k]:.2f}" for k in shown) + " |")

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from .run import write_json
+from ..files import atomic_path, write_json_atomic, write_text_atomic
 from .specs import GLUE_TASKS, EvalError
 
 log = logging.getLogger(__name__)
@@ -254,8 +254,8 @@ def plot_recalls(results: list[dict[str, Any]], published: dict[str, Any], path:
     fig.legend(handles=list(legend.values()), labels=list(legend), loc="lower center", ncol=2, fontsize=7,
                frameon=False)
     fig.tight_layout(rect=(0, 0.02 + 0.028 * ((len(legend) + 1) // 2), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, format=path.suffix.lstrip("."))
     plt.close(fig)
     return True
 
@@ -289,9 +289,8 @@ def build_report(result_files: Sequence[str | Path], output: str | Path) -> dict
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Result files", ""] + [f"- `{r['file']}`: {r['task']}, {r['model']} on {r['dataset']}"
                                         for r in results]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     report = {"results": results, "published": published, "notes": notes,
               "files": {"markdown": "report.md", "plot": "recall_at_k.png" if plotted else None}}
-    write_json(report, out / "report.json")
+    write_json_atomic(out / "report.json", report)
     return report

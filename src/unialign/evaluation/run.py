@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,9 +92,3 @@ def evaluate_retrieval_model(model: EvalModel, karpathy: str | Path | None = Non
     return {**result, "split": used_split, "source": str(source)}
 
 
-def write_json(result: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)

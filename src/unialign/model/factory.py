@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..config import Config
+from ..files import atomic_path
 from .smke import SMKE
 from .towers import TextTower, build_image_tower
 
@@ -94,9 +95,8 @@ def export_checkpoint(model: SMKE, cfg: Config, tokenizer: PreTrainedTokenizerBa
         "hyper_parameters": {"config": cfg.model_dump(mode="json")},
         "unialign": tower_meta(model, tokenizer, kd_dim),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
     return path
 
 

@@ -8,13 +8,14 @@ FAISS never has to agree with SQLite on row order.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import faiss
 import numpy as np
+
+from ..files import atomic_path
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
 INDEX_KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw")
@@ -155,12 +156,8 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 def write_atomic(index: faiss.Index, path: Path) -> None:
     """Write to a temp file in the same folder, fsync, then rename: a reader (or a crash)
     sees the old index or the new one, never half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=True) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def read(path: Path) -> faiss.Index:

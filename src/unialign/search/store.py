@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 from typing_extensions import Self
+
+from ..files import atomic_path
 
 FORMAT = "unialign-search-index/1"
 DB_NAME = "meta.sqlite"
@@ -221,14 +222,9 @@ class IndexStore:
         return Chunk(chunk_id, name, len(paths), len(captions))
 
     def _write_vectors(self, name: str, v: ChunkVectors) -> None:
-        final = self.root / VECTORS_DIR / name
-        tmp = final.with_name(f".{name}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(self.root / VECTORS_DIR / name, fsync=True) as tmp, open(tmp, "wb") as f:
             np.savez(f, image_ids=v.image_ids, images=v.images.astype(np.float32, copy=False),
                      caption_ids=v.caption_ids, captions=v.captions.astype(np.float32, copy=False))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
 
     def read_vectors(self, chunk: Chunk) -> ChunkVectors:
         path = self.root / VECTORS_DIR / chunk.file

@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import mmap
-import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -54,6 +53,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config, ConfigError, KarpathySource, WebDatasetSource
+from ..files import atomic_path, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -352,17 +352,9 @@ class _UnitImages(IterableDataset):
                 "unit": unit.key, "skipped": bad, "last": last}
 
 
-def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 _DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -422,7 +414,7 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
             raise TeacherCacheError(f"{parts} holds an unfinished build for another teacher, view, dtype, decoder "
                                     "or data (pass --overwrite to start over)")
     else:
-        _atomic_write_text(plan_file, json.dumps(plan))
+        write_json_atomic(plan_file, plan)
     done = {u.key for u in units if (parts / f"{u.key}.npz").is_file()}
     todo = [u for u in units if u.key not in done]
     if max_units is not None:
@@ -467,7 +459,7 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
             if batch["last"]:
                 state = pending.pop(batch["unit"])
                 dim = teacher.width
-                _atomic_save_npz(
+                _save_npz_atomic(
                     parts / f"{batch['unit']}.npz",
                     ids=np.concatenate(state["ids"]) if state["ids"] else np.zeros(0, np.int64),
                     targets=np.concatenate(state["targets"]) if state["targets"] else np.zeros((0, dim),
@@ -501,30 +493,27 @@ def _assemble(output: Path, units: Sequence[_Unit], identity: dict[str, Any], dt
     ids, first = np.unique(all_ids, return_index=True)  # sorted; the first occurrence of each id wins
     dest = np.full(len(all_ids), -1, dtype=np.int64)
     dest[first] = np.arange(len(ids))
-    tmp_targets = output / f".{TARGETS}.tmp"
-    out = open_memmap(tmp_targets, mode="w+", dtype=_DTYPES[dtype], shape=(len(ids), dim or 0))
-    offset = 0
-    for f, n in zip(files, (len(x) for x in id_lists), strict=True):
-        rows = dest[offset:offset + n]
-        keep = rows >= 0
-        if keep.any():
-            with np.load(f) as z:
-                out[rows[keep]] = z["targets"][keep]
-        offset += n
-    out.flush()
-    del out
-    os.replace(tmp_targets, output / TARGETS)
-    tmp_ids = output / f".{IDS}.tmp"
-    with open(tmp_ids, "wb") as fh:
+    with atomic_path(output / TARGETS) as tmp_targets:
+        out = open_memmap(tmp_targets, mode="w+", dtype=_DTYPES[dtype], shape=(len(ids), dim or 0))
+        offset = 0
+        for f, n in zip(files, (len(x) for x in id_lists), strict=True):
+            rows = dest[offset:offset + n]
+            keep = rows >= 0
+            if keep.any():
+                with np.load(f) as z:
+                    out[rows[keep]] = z["targets"][keep]
+            offset += n
+        out.flush()
+        del out
+    with atomic_path(output / IDS) as tmp_ids, open(tmp_ids, "wb") as fh:
         np.save(fh, ids.astype(np.int64))
-    os.replace(tmp_ids, output / IDS)
-    _atomic_write_text(output / BAD, "".join(line + "\n" for line in bad))
+    write_text_atomic(output / BAD, "".join(line + "\n" for line in bad))
     duplicates = len(all_ids) - len(ids)
     meta = {"format": FORMAT, "version": VERSION, "identity": identity, "count": len(ids), "dim": int(dim or 0),
             "dtype": dtype, "teacher_precision": precision, "view": "eval (resize to image_size, no crop, no flip)",
             "decode": decode,
             "skipped_unreadable": len(bad), "duplicate_ids_dropped": int(duplicates)}
-    _atomic_write_text(output / META, json.dumps(meta, indent=2))
+    write_json_atomic(output / META, meta)
     shutil.rmtree(parts)
     log.info("teacher cache %s: %d images x %d (%s), %d unreadable skipped, %d duplicate ids", output, len(ids),
              dim or 0, dtype, len(bad), duplicates)

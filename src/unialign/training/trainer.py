@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 
 from ..config import Config, ConfigError, save_config
 from ..data import RetrievalDataModule
+from ..files import atomic_path, write_json_atomic
 from ..model.factory import create_tokenizer
 from ..model.smke import SharedBlock
 from .module import SMKETraining
@@ -34,11 +35,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 class _RunEnd(Callback):
@@ -70,9 +68,7 @@ class _RunEnd(Callback):
             "final_checkpoint": str(self.output / CHECKPOINT_DIR / FINAL),
         }
         if trainer.is_global_zero:
-            tmp = self.output / f".{SUMMARY}.tmp"
-            tmp.write_text(json.dumps(summary, indent=2))
-            tmp.replace(self.output / SUMMARY)
+            write_json_atomic(self.output / SUMMARY, summary)
         trainer.strategy.barrier("unialign-summary")  # every rank's train() reads it next
 
 
