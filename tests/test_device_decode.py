@@ -188,7 +188,7 @@ def test_cuda_decode_runs_on_a_side_stream_the_training_stream_waits_for(images,
     broken = make_sample(images["truncated"], "truncated", "c", 9, plan, None, seed=9)
     out = decoder(_batch([samples[0], broken], tokenizer), torch.device("cuda", 0))
     assert log == [("host waits for", "decode"), ("decode on", "decode", "batch"), ("host waits for", "device"),
-                   ("decode on", "decode", "one"), ("decode on", "decode", "one"),
+                   ("decode on", "decode", "one"), ("decode on", "decode", "one"), ("host waits for", "device"),
                    ("training", "waits for", "decode"), ("kept for", "training")]
     assert out["size"] == 1 and len(made_streams) == 1  # one decode stream per device, reused
 

@@ -173,16 +173,17 @@ class DeviceDecoder:
         try:
             return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:
-            if device.type == "cuda":
-                # The failed call may leave writes queued on nvJPEG's private stream into
-                # blocks it has just freed: wait for them before anything reuses those blocks.
-                torch.cuda.synchronize(device)
+            # A failed call may leave writes queued on nvJPEG's private stream into blocks it
+            # has just freed: drain the device before anything can be handed those blocks.
+            _drain(device)
             out: list[torch.Tensor | None] = []
             for r in raw:
                 try:
                     out.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=device))
                 except RuntimeError:
                     out.append(None)
+            if None in out:
+                _drain(device)
             return out
 
     @staticmethod
@@ -192,6 +193,11 @@ class DeviceDecoder:
             return TF.pil_to_tensor(load_image(data, name=name)).to(device)
         except ImageLoadError as err:
             return str(err)
+
+
+def _drain(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def drop_samples(batch: dict[str, Any], dropped: list[tuple[int, str, str]]) -> dict[str, Any]:
