@@ -106,7 +106,7 @@ def _check(single: tuple, ranks: list[tuple]) -> None:
     torch.testing.assert_close(torch.stack([r[0] for r in ranks]).mean(), loss)
     torch.testing.assert_close(torch.cat([r[1] for r in ranks]) / WORLD, g_a)
     torch.testing.assert_close(torch.cat([r[2] for r in ranks]) / WORLD, g_b)
-    torch.testing.assert_close(torch.stack([r[3] for r in ranks]).mean(), g_scalar)
+    torch.testing.assert_close(torch.stack([r[3] for r in ranks]).mean(0), g_scalar)
 
 
 @pytest.mark.parametrize("use_ids", [False, True])

@@ -43,7 +43,7 @@ class ContrastiveDistillationLoss(nn.Module):
         super().__init__()
         self.bank = MemoryBank(bank_size, dim)
         self.learnable_temperature = learnable_temperature
-        init = torch.tensor(math.log(1.0 / temperature), dtype=torch.float32)
+        init = torch.full((1,), math.log(1.0 / temperature), dtype=torch.float32)  # (1,): FSDP shards no 0-d
         if learnable_temperature:
             self.log_inv_temperature = nn.Parameter(init)
         else:

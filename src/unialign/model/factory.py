@@ -82,6 +82,26 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no code runs from a checkpoint
     if "unialign" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a unialign training checkpoint (no 'unialign' metadata)")
+    return upgrade_checkpoint(ckpt)
+
+
+# Parameters that were 0-d before they became (1,)-shaped for FSDP, which cannot shard 0-d ones.
+_FORMER_SCALARS = ("logit_scale", "logit_scale_interm", "log_inv_temperature")
+
+
+def upgrade_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Read checkpoints written before the logit scales and the KD temperature became (1,)-shaped:
+    their weights, and their Adam moments (a 0-d moment can only belong to one of them), are
+    reshaped in place; ``step`` counters stay 0-d."""
+    state = ckpt.get("state_dict", {})
+    for key, value in state.items():
+        if key.rsplit(".", 1)[-1] in _FORMER_SCALARS and value.ndim == 0:
+            state[key] = value.reshape(1)
+    for optimizer in ckpt.get("optimizer_states", []):
+        for moments in optimizer.get("state", {}).values():
+            for name, value in moments.items():
+                if name != "step" and isinstance(value, torch.Tensor) and value.ndim == 0:
+                    moments[name] = value.reshape(1)
     return ckpt
 
 

@@ -72,8 +72,9 @@ class SMKE(nn.Module):
             SharedBlock(width, num_heads, mlp_ratio, layer_scale_init) for _ in range(shared_depth)
         )
         self.kd_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, kd_dim or width))
-        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
-        self.logit_scale_interm = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT)) if interm_logit_scale else None
+        # Shape (1,), not (): FSDP cannot shard 0-d parameters.
+        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
+        self.logit_scale_interm = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT)) if interm_logit_scale else None
         self._init_new_parts()
 
     def _init_new_parts(self) -> None:

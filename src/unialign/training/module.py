@@ -19,7 +19,7 @@ from ..config import Config
 from ..data.sampler import derive_seed
 from ..evaluation import retrieval_metrics
 from ..losses import ContrastiveDistillationLoss, ContrastiveLoss, MSEDistillationLoss
-from ..model.factory import create_student, read_checkpoint, student_state_dict, tower_meta
+from ..model.factory import create_student, read_checkpoint, student_state_dict, tower_meta, upgrade_checkpoint
 from ..model.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -298,6 +298,7 @@ class SMKETraining(L.LightningModule):
         return state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        upgrade_checkpoint(checkpoint)  # before Lightning loads its weights and optimizer state
         counters = checkpoint.get("unialign_counters", {})
         self.samples_seen = counters.get("seen", 0)
         self.samples_bad = counters.get("bad", 0)

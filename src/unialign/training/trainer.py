@@ -79,12 +79,22 @@ def _strategy(cfg: Config) -> Strategy | str:
         # ~200 MB of traffic for nothing.
         return DDPStrategy(start_method="spawn" if t.strategy == "ddp_spawn" else "popen", broadcast_buffers=False)
     if t.strategy == "fsdp":
-        from timm.models.vision_transformer import Block
-        from transformers.models.bert.modeling_bert import BertLayer
-
-        # Shard per Transformer block: image tower (timm ViT), text tower (BERT), shared block.
-        return FSDPStrategy(auto_wrap_policy={Block, BertLayer, SharedBlock}, state_dict_type="full")
+        return FSDPStrategy(state_dict_type="full", **fsdp_options())
     return t.strategy
+
+
+def fsdp_options() -> dict[str, Any]:
+    """How FSDP wraps the training module (also used by the FSDP test, which runs torch's FSDP
+    directly: Lightning has none on CPU).
+
+    One unit per Transformer block of the image tower and teacher (timm ViT), text tower (BERT)
+    and shared block. ``use_orig_params``: the frozen teacher's embeddings and norm share the
+    root unit with trainable parameters, which flat parameters without it cannot mix.
+    """
+    from timm.models.vision_transformer import Block
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    return {"auto_wrap_policy": {Block, BertLayer, SharedBlock}, "use_orig_params": True}
 
 
 def _loggers(cfg: Config, output: Path) -> list[Logger]:
