@@ -67,6 +67,8 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         options = fsdp_options()
         options["auto_wrap_policy"] = ModuleWrapPolicy(options["auto_wrap_policy"])
         model = FSDP(_Step(_module(raw)), device_id=torch.device("cpu"), **options)
+        decay = model.module.module.weight_decay_split()  # what configure_optimizers sees after wrapping
+        shard_shapes = {p.ndim for p in model.parameters()}
         losses = []
         for batch in batches:  # two steps: the second sees the KD bank filled by the first
             model.zero_grad()
@@ -77,7 +79,8 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         with FSDP.summon_full_params(model, with_grads=True):
             grads = {name.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
                      for name, p in model.named_parameters() if p.grad is not None}
-        torch.save({"losses": losses, "grads": grads, "units": units}, f"{tmp}/rank{rank}.pt")
+        torch.save({"losses": losses, "grads": grads, "units": units, "decay": decay, "shard_shapes": shard_shapes},
+                   f"{tmp}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -115,6 +118,9 @@ def test_fsdp_step_matches_single_process(raw, tmp_path) -> None:
     expected = {f"module.{name}": p.grad for name, p in single.module.named_parameters() if p.grad is not None}
     # a unit per block: 2 image + 2 text (towers cut to 2), 1 shared, 4 teacher (full), plus the root
     assert ranks[0]["units"] == 2 + 2 + 1 + 4 + 1
+    # Weight decay as without FSDP, although every wrapped parameter now shows as a 1-d shard.
+    assert ranks[0]["shard_shapes"] == {1} and ranks[0]["decay"] == single.module.weight_decay_split()
+    assert 0 < sum(ranks[0]["decay"].values()) < len(ranks[0]["decay"])
     frozen = {f"module.{name}" for name, p in single.module.named_parameters() if not p.requires_grad}
     for r in ranks:
         assert set(expected) <= set(r["grads"])  # every trained part has its gradient ...

@@ -31,6 +31,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 # Parameter names that get no weight decay besides 1-d tensors (biases, norms, scales): embeddings.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "embeddings", "token_type", "reg_token")
+FSDP_WRAPPED = "_fsdp_wrapped_module."  # what FSDP inserts into the names of the parameters it wraps
 DROPOUT_STREAM = 7  # tags the per-rank dropout seed: derive_seed(seed, DROPOUT_STREAM, rank)
 # Device types with a fused AdamW kernel in torch (>= 2.4 for CPU).
 FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps")
@@ -85,6 +86,10 @@ class SMKETraining(L.LightningModule):
                                                   learnable_temperature=loss.kd_learnable_temperature)
         elif loss.kd == "mse":
             self.kd = MSEDistillationLoss()
+        # Decided here, on the real shapes: once FSDP has wrapped the module (use_orig_params),
+        # every parameter shows as a 1-d view of its shard, and ndim would say "no decay" for all.
+        self._no_decay = {name for name, p in self.named_parameters()
+                          if p.ndim < 2 or any(key in name for key in NO_DECAY_NAMES)}
         self.samples_seen = 0
         self.samples_bad = 0
         self._rng_restored = False  # set when a checkpoint's RNG states are loaded (resume)
@@ -247,16 +252,18 @@ class SMKETraining(L.LightningModule):
         t = self.cfg.train
         return self.device.type in FUSED_ADAMW_DEVICES and not (t.grad_clip and t.precision != "32-true")
 
+    def weight_decay_split(self) -> dict[str, bool]:
+        """Trained parameter name -> whether it gets weight decay (names as before any FSDP wrapping)."""
+        names = ((name.replace(FSDP_WRAPPED, ""), p) for name, p in self.named_parameters())
+        return {name: name not in self._no_decay for name, p in names if p.requires_grad}
+
     def configure_optimizers(self) -> dict[str, Any]:
         t = self.cfg.train
+        split = self.weight_decay_split()
         decay, no_decay = [], []
         for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            if param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES):
-                no_decay.append(param)
-            else:
-                decay.append(param)
+            if param.requires_grad:
+                (decay if split[name.replace(FSDP_WRAPPED, "")] else no_decay).append(param)
         global_batch = t.batch_size * self.trainer.world_size * t.accumulate_grad_batches
         lr = t.base_lr * global_batch / 256 if t.scale_lr else t.base_lr
         optimizer = torch.optim.AdamW(
