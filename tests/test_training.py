@@ -331,6 +331,21 @@ def test_ddp_two_processes_through_the_cli(world, text_model_dir, teacher_checkp
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
 
 
+def test_ddp_without_distillation(world, text_model_dir, teacher_checkpoint, tmp_path):
+    """The no-KD baseline on 2 ranks: a model without KD has no KD head (an unused one gets no
+    gradient, which DDP stops on at the second step), and its checkpoint loads for inference."""
+    import unialign
+
+    src = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world),
+           "splits": ["train"]}
+    raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [src], max_steps=3, strategy="ddp_spawn", devices=2)
+    raw["loss"]["kd"] = "none"
+    raw["teacher"]["enabled"] = False
+    summary = train(parse_config(raw), tmp_path / "run")
+    assert summary["global_step"] == 3 and summary["world_size"] == 2
+    model, _, _ = unialign.load(tmp_path / "run" / CHECKPOINT_DIR / FINAL)
+    assert model.kd_head is None and not any(k.startswith("kd") for k in model.state_dict())
+
 def test_ddp_resume_matches_uninterrupted_run(world, text_model_dir, teacher_checkpoint, tmp_path):
     """2 ranks (ddp_spawn, gloo), dropout on: a run that crashes after its step-3 checkpoint and
     resumes ends with the uninterrupted run's weights. That needs each rank's own RNG state back

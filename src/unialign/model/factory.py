@@ -135,6 +135,9 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[SM
     cfg = Config.model_validate(ckpt["hyper_parameters"]["config"])
     meta = ckpt["unialign"]
     model = create_student(cfg, meta["kd_dim"], tower_meta=meta)
-    model.load_state_dict(student_state_dict(ckpt))
+    state = student_state_dict(ckpt)
+    if model.kd_head is None:  # checkpoints of runs without KD once carried an unused head
+        state = {k: v for k, v in state.items() if not k.startswith("kd_head.")}
+    model.load_state_dict(state)
     tokenizer = TextTokenizer(tokenizer_from_files(meta["tokenizer_files"]), cfg.model.text.max_length)
     return model.to(device).eval(), eval_transform(cfg), tokenizer

@@ -48,11 +48,11 @@ class Embeddings:
 
     embedding: torch.Tensor  # L2-normalised retrieval embedding `x`
     interm: torch.Tensor | None  # L2-normalised first-MLP-layer CLS `x_interm` (None without a shared block)
-    kd: torch.Tensor  # KD-head output, compared with the teacher's target
+    kd: torch.Tensor | None  # KD-head output, compared with the teacher's target (None without a KD head)
 
 
 class SMKE(nn.Module):
-    """Image tower + text tower + token-type embedding + shared block(s) + KD head."""
+    """Image tower + text tower + token-type embedding + shared block(s) + KD head (when distilling)."""
 
     def __init__(self, image_tower: nn.Module, text_tower: nn.Module, shared_depth: int = 1, num_heads: int = 12,
                  mlp_ratio: float = 4.0, layer_scale_init: float = 0.2, token_type_scale_init: float = 1e-5,
@@ -71,7 +71,8 @@ class SMKE(nn.Module):
         self.shared = nn.ModuleList(
             SharedBlock(width, num_heads, mlp_ratio, layer_scale_init) for _ in range(shared_depth)
         )
-        self.kd_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, kd_dim or width))
+        # Only where distillation runs: an unused head has no gradient, which DDP refuses.
+        self.kd_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, kd_dim)) if kd_dim is not None else None
         # Shape (1,), not (): FSDP cannot shard 0-d parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
         self.logit_scale_interm = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT)) if interm_logit_scale else None
@@ -79,7 +80,7 @@ class SMKE(nn.Module):
 
     def _init_new_parts(self) -> None:
         """normal(0, 0.02) for every new weight; the pretrained towers are left untouched."""
-        new_parts = [self.text_proj, self.token_type, self.shared, self.kd_head]
+        new_parts = [self.text_proj, self.token_type, self.shared, *([self.kd_head] if self.kd_head is not None else [])]
         for part in new_parts:
             for module in part.modules():
                 if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -99,7 +100,7 @@ class SMKE(nn.Module):
         return Embeddings(
             embedding=F.normalize(cls, dim=-1),
             interm=F.normalize(interm, dim=-1) if interm is not None else None,
-            kd=self.kd_head(cls),
+            kd=self.kd_head(cls) if self.kd_head is not None else None,
         )
 
     def image_embeddings(self, pixels: torch.Tensor) -> Embeddings:

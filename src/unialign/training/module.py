@@ -60,7 +60,7 @@ class SMKETraining(L.LightningModule):
 
             self.teacher_cache = TeacherCache.open(self.cfg.teacher.cache, self.cfg)
             kd_dim = self.teacher_cache.dim
-        elif self.cfg.teacher.enabled:
+        elif self.cfg.teacher.enabled and self.cfg.loss.kd != "none":
             # Own RNG stream: the student's initialisation (and dropout) must not depend on
             # whether the teacher is built here or its targets come from a cache.
             with torch.random.fork_rng(devices=[]):
