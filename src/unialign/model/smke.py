@@ -80,7 +80,9 @@ class SMKE(nn.Module):
 
     def _init_new_parts(self) -> None:
         """normal(0, 0.02) for every new weight; the pretrained towers are left untouched."""
-        new_parts = [self.text_proj, self.token_type, self.shared, *([self.kd_head] if self.kd_head is not None else [])]
+        new_parts = [self.text_proj, self.token_type, self.shared]
+        if self.kd_head is not None:
+            new_parts.append(self.kd_head)
         for part in new_parts:
             for module in part.modules():
                 if isinstance(module, (nn.Linear, nn.Embedding)):
