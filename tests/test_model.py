@@ -189,3 +189,46 @@ def test_export_and_load_roundtrip_offline(tiny_checkpoint):
     again, _, _ = unialign.load(tiny_checkpoint)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("image_backend, kd", [("timm", "contrastive"), ("timm", "none"), ("timm", "mse"),
+                                               ("hf-dinov2", "contrastive"), ("hf-beit", "none")])
+def test_every_trained_parameter_gets_a_gradient(image_backend, kd, text_model_dir, teacher_checkpoint, tmp_path):
+    """What DDP needs at every step (a trainable parameter without a gradient stops it at the
+    second step): checked on one training loss, for each tower kind and distillation choice.
+    Found this way: the KD head of runs without KD, DINOv2/BEiT's mask token."""
+    from transformers import AutoTokenizer, BeitConfig, BeitModel
+
+    from conftest import tiny_config_dict
+    from unialign.config import parse_config
+    from unialign.training.module import SMKETraining
+
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("")
+    raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [{"type": "manifest", "path": str(manifest)}])
+    raw["loss"]["kd"] = kd
+    raw["teacher"]["enabled"] = kd != "none"
+    size = 32
+    if image_backend != "timm":
+        size = 28
+        hf_dir = tmp_path / image_backend
+        shape = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64,
+                 "image_size": size, "patch_size": 14}
+        if image_backend == "hf-dinov2":
+            Dinov2Model(Dinov2Config(**shape)).save_pretrained(hf_dir)
+        else:
+            BeitModel(BeitConfig(**shape, use_mask_token=True)).save_pretrained(hf_dir)
+        raw["model"]["image"] = {"backend": "hf", "name": str(hf_dir), "layers": 2}
+        raw["model"]["shared"]["num_heads"] = 2
+        raw["teacher"] = {"backend": "hf", "name": str(hf_dir), "enabled": kd != "none"}
+        raw["data"]["image_size"] = size
+    module = SMKETraining(parse_config(raw).model_dump(mode="json")).train()
+    tokenizer = AutoTokenizer.from_pretrained(text_model_dir)
+    tokens = tokenizer(["a red circle", "two blue squares on top", "a cat", "a green star"], padding=True,
+                       return_tensors="pt")
+    batch = {"image": torch.randn(4, 3, size, size), "input_ids": tokens["input_ids"],
+             "attention_mask": tokens["attention_mask"], "image_id": torch.arange(4)}
+    module._losses(batch)["loss"].backward()
+    missing = [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert (module.model.kd_head is None) == (kd == "none")

@@ -126,6 +126,11 @@ class HFImageTower(ImageTower):
             model.layernorm = nn.Identity()
         if hasattr(model, "pooler"):
             model.pooler = None
+        mask_token = getattr(getattr(model, "embeddings", None), "mask_token", None)
+        if mask_token is not None:
+            # DINOv2/BEiT's masked-image-modelling token is never used here; frozen, it gets no
+            # gradient and none is expected (DDP stops on trainable parameters without one).
+            mask_token.requires_grad_(False)
         self.model = model
         self.width = int(model.config.hidden_size)
         self.hf_config = model.config.to_dict()
