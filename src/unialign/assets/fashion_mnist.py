@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .common import AssetMissing, staged_dir
 from ..files import write_json_atomic
+from .common import AssetMissing, staged_dir
 
 DEFAULT_FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_INSTALL = "apt-get update && apt-get install -y --no-install-recommends dataset-fashion-mnist"

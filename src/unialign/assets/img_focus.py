@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .common import AssetMissing, package_dir, read_marker, sha256_file, staged_dir
 from ..files import write_json_atomic
+from .common import AssetMissing, package_dir, read_marker, sha256_file, staged_dir
 
 if TYPE_CHECKING:
     import onnx

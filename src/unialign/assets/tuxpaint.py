@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import AssetMissing
 from ..files import write_json_atomic
+from .common import AssetMissing
 
 DEFAULT_STAMPS_ROOT = Path("/usr/share/tuxpaint/stamps")
 TUXPAINT_INSTALL = "apt-get update && apt-get install -y --no-install-recommends tuxpaint-stamps-default"

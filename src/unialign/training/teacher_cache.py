@@ -45,6 +45,7 @@ import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +353,12 @@ class _UnitImages(IterableDataset):
                 "unit": unit.key, "skipped": bad, "last": last}
 
 
+def _decode_on_host(transform: Callable[[Any], torch.Tensor], image: str | bytes, name: str) -> dict[str, Any]:
+    from ..data.images import load_image
+
+    return {"image": transform(load_image(image, name=name))}
+
+
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -371,7 +378,6 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
     otherwise). ``max_units`` stops after that many units (simulates an interruption; tests).
     """
     from ..data.device_decode import DeviceDecodePlan, DeviceDecoder
-    from ..data.images import load_image
     from ..data.transforms import PixelNormalizer, build_image_transform
     from ..model.teacher import Teacher
 
@@ -432,7 +438,7 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
         normalizer = PixelNormalizer(mean, std)
         decoder = DeviceDecoder(d.image_size, d.interpolation) if d.decode == "device" else None
         prepare = (DeviceDecodePlan(None, False, host_transform=transform) if decoder is not None
-                   else lambda image, name: {"image": transform(load_image(image, name=name))})
+                   else partial(_decode_on_host, transform))
         workers = d.num_workers if num_workers is None else num_workers
         on_cuda = torch.device(device).type == "cuda"
         loader = DataLoader(_UnitImages(todo, prepare, batch_size), batch_size=None, num_workers=workers,
