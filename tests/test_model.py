@@ -191,11 +191,14 @@ def test_export_and_load_roundtrip_offline(tiny_checkpoint):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("image_backend, kd", [("timm", "contrastive"), ("timm", "none"), ("timm", "mse"),
-                                               ("hf-dinov2", "contrastive"), ("hf-beit", "none")])
-def test_every_trained_parameter_gets_a_gradient(image_backend, kd, text_model_dir, teacher_checkpoint, tmp_path):
+@pytest.mark.parametrize("image_backend, kd, shared_depth", [
+    ("timm", "contrastive", 1), ("timm", "none", 1), ("timm", "mse", 1), ("timm", "contrastive", 0),
+    ("timm", "none", 2), ("hf-dinov2", "contrastive", 1), ("hf-beit", "none", 1)])
+def test_every_trained_parameter_gets_a_gradient(image_backend, kd, shared_depth, text_model_dir,
+                                                  teacher_checkpoint, tmp_path):
     """What DDP needs at every step (a trainable parameter without a gradient stops it at the
-    second step): checked on one training loss, for each tower kind and distillation choice.
+    second step): checked on one training loss, for each tower kind, distillation choice and
+    shared depth.
     Found this way: the KD head of runs without KD, DINOv2/BEiT's mask token."""
     from transformers import AutoTokenizer, BeitConfig, BeitModel
 
@@ -208,6 +211,8 @@ def test_every_trained_parameter_gets_a_gradient(image_backend, kd, text_model_d
     raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [{"type": "manifest", "path": str(manifest)}])
     raw["loss"]["kd"] = kd
     raw["teacher"]["enabled"] = kd != "none"
+    raw["model"]["shared"]["depth"] = shared_depth
+    raw["loss"]["itc_interm"] = shared_depth > 0
     size = 32
     if image_backend != "timm":
         size = 28
