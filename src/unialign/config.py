@@ -23,6 +23,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# How much of a pretrained tower stays fixed: its embeddings and first N blocks, or all of it.
+FreezeLayers = Union[Annotated[int, Field(ge=0)], Literal["all"]]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -35,6 +38,9 @@ class ImageTowerConfig(_Strict):
     pretrained: bool = True
     checkpoint: Path | None = None  # local weights file (timm) when the model is not on a hub
     layers: int | list[int] = 6  # first N blocks, or explicit block indices
+    # Kept fixed during training: the patch embedding and the first N kept blocks, or "all" of the
+    # tower (LiT's locked image tower). Frozen parts also run in eval mode (no dropout).
+    freeze_layers: FreezeLayers = 0
     kwargs: dict[str, Any] = Field(default_factory=dict)  # extra timm.create_model / HF config args
 
     @field_validator("layers")
@@ -54,6 +60,10 @@ class TextTowerConfig(_Strict):
     pretrained: bool = True
     layers: int = Field(6, ge=1)
     max_length: int = Field(64, ge=8)
+    freeze_layers: FreezeLayers = 0  # the embeddings and the first N layers, or "all"
+    # What the shared block reads at the CLS position: the tower's CLS token (the paper), or the
+    # masked mean of its tokens (what sentence encoders such as MiniLM were trained to give).
+    pool: Literal["cls", "mean"] = "cls"
 
 
 class SharedConfig(_Strict):
@@ -70,6 +80,9 @@ class ModelConfig(_Strict):
     image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = Field(default_factory=TextTowerConfig)
     shared: SharedConfig = Field(default_factory=SharedConfig)
+    # Retrieval embedding: the shared block's CLS itself (the paper), or a linear projection of it,
+    # one per modality (CLIP's heads; with shared.depth 0 and frozen towers, LiT's baseline).
+    head: Literal["none", "linear"] = "none"
     init_checkpoint: Path | None = None  # start from a trained unialign checkpoint (fine-tuning)
 
 
@@ -177,6 +190,11 @@ class TrainConfig(_Strict):
     base_lr: float = Field(1e-4, gt=0)  # for a global batch of 256
     scale_lr: bool = True  # lr = base_lr * global_batch / 256
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    # Pretrained towers' learning rate relative to the new parts (shared block, heads, scales), and
+    # layer-wise decay inside each tower: its last block gets the tower's rate, each block below
+    # it layer_decay times less, the embeddings layer_decay**n times less.
+    tower_lr_scale: float = Field(1.0, ge=0)
+    layer_decay: float = Field(1.0, gt=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-6, gt=0)

@@ -38,10 +38,12 @@ def create_student(cfg: Config, kd_dim: int | None, tower_meta: dict[str, Any] |
                               hf_config=(tower_meta or {}).get("image_hf_config"))
     text = TextTower(m.text.name, pretrained and m.text.pretrained, m.text.layers,
                      hf_config=(tower_meta or {}).get("text_hf_config"))
-    return SMKE(image, text, shared_depth=m.shared.depth, num_heads=m.shared.num_heads,
-                mlp_ratio=m.shared.mlp_ratio, layer_scale_init=m.shared.layer_scale_init,
-                token_type_scale_init=m.shared.token_type_scale_init, kd_dim=kd_dim,
-                interm_logit_scale=cfg.loss.itc_interm)
+    model = SMKE(image, text, shared_depth=m.shared.depth, num_heads=m.shared.num_heads,
+                 mlp_ratio=m.shared.mlp_ratio, layer_scale_init=m.shared.layer_scale_init,
+                 token_type_scale_init=m.shared.token_type_scale_init, kd_dim=kd_dim,
+                 interm_logit_scale=cfg.loss.itc_interm, text_pool=m.text.pool, head=m.head)
+    model.freeze(m.image.freeze_layers, m.text.freeze_layers)
+    return model
 
 
 def tower_meta(model: SMKE, tokenizer: PreTrainedTokenizerBase, kd_dim: int | None) -> dict[str, Any]:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention, LayerScale, Mlp
 from torch import nn
+
+from .towers import freeze_tower, frozen_modules, layer_depth
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100)
@@ -56,7 +59,8 @@ class SMKE(nn.Module):
 
     def __init__(self, image_tower: nn.Module, text_tower: nn.Module, shared_depth: int = 1, num_heads: int = 12,
                  mlp_ratio: float = 4.0, layer_scale_init: float = 0.2, token_type_scale_init: float = 1e-5,
-                 kd_dim: int | None = None, interm_logit_scale: bool = True) -> None:
+                 kd_dim: int | None = None, interm_logit_scale: bool = True, text_pool: Literal["cls", "mean"] = "cls",
+                 head: Literal["none", "linear"] = "none") -> None:
         super().__init__()
         self.image_tower = image_tower
         self.text_tower = text_tower
@@ -71,6 +75,10 @@ class SMKE(nn.Module):
         self.shared = nn.ModuleList(
             SharedBlock(width, num_heads, mlp_ratio, layer_scale_init) for _ in range(shared_depth)
         )
+        self.text_pool = text_pool
+        # CLIP-style projections of the CLS, one per modality (absent in the paper's model).
+        self.image_head = nn.Linear(width, width) if head == "linear" else None
+        self.text_head = nn.Linear(width, width) if head == "linear" else None
         # Only where distillation runs: an unused head has no gradient, which DDP refuses.
         self.kd_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, kd_dim)) if kd_dim is not None else None
         # Shape (1,), not (): FSDP cannot shard 0-d parameters.
@@ -81,8 +89,7 @@ class SMKE(nn.Module):
     def _init_new_parts(self) -> None:
         """normal(0, 0.02) for every new weight; the pretrained towers are left untouched."""
         new_parts = [self.text_proj, self.token_type, self.shared]
-        if self.kd_head is not None:
-            new_parts.append(self.kd_head)
+        new_parts += [m for m in (self.kd_head, self.image_head, self.text_head) if m is not None]
         for part in new_parts:
             for module in part.modules():
                 if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -93,14 +100,42 @@ class SMKE(nn.Module):
                     nn.init.ones_(module.weight)
                     nn.init.zeros_(module.bias)
 
+    def freeze(self, image_layers: int | Literal["all"], text_layers: int | Literal["all"]) -> None:
+        """Fix the towers' embeddings and first blocks (model.*.freeze_layers); they stay in eval mode."""
+        freeze_tower(self.image_tower, self.image_tower.num_blocks, image_layers)
+        freeze_tower(self.text_tower, self.text_tower.num_blocks, text_layers)
+        self._frozen = frozen_modules(self.image_tower) + frozen_modules(self.text_tower)
+
+    def train(self, mode: bool = True) -> "SMKE":
+        super().train(mode)
+        for module in getattr(self, "_frozen", ()):
+            module.eval()
+        return self
+
+    def lr_scales(self, tower_scale: float, layer_decay: float) -> dict[str, float]:
+        """Learning-rate multiplier of every parameter: 1 for the new parts; in a tower of n blocks,
+        tower_scale for its last block (and a final norm), layer_decay times less for each block
+        further down, tower_scale * layer_decay**n for its embeddings (BEiT/timm-style decay)."""
+        scales = {}
+        for name, _ in self.named_parameters():
+            scale = 1.0
+            for prefix, tower in (("image_tower.", self.image_tower), ("text_tower.", self.text_tower)):
+                if name.startswith(prefix):
+                    n = tower.num_blocks
+                    depth = min(layer_depth(name[len(prefix):], n), n)
+                    scale = tower_scale * layer_decay ** (n - depth)
+            scales[name] = scale
+        return scales
+
     def _shared(self, tokens: torch.Tensor, modality: int, attn_mask: torch.Tensor | None) -> Embeddings:
         tokens = tokens + self.token_type_scale(self.token_type.weight[modality])
         interm = None
         for block in self.shared:
             tokens, interm = block(tokens, attn_mask)
         cls = tokens[:, 0]
+        head = self.image_head if modality == 1 else self.text_head
         return Embeddings(
-            embedding=F.normalize(cls, dim=-1),
+            embedding=F.normalize(head(cls) if head is not None else cls, dim=-1),
             interm=F.normalize(interm, dim=-1) if interm is not None else None,
             kd=self.kd_head(cls) if self.kd_head is not None else None,
         )
@@ -110,6 +145,10 @@ class SMKE(nn.Module):
 
     def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Embeddings:
         tokens = self.text_proj(self.text_tower(input_ids, attention_mask))
+        if self.text_pool == "mean":  # the CLS position carries the sentence's mean token
+            weights = attention_mask[..., None].to(tokens.dtype)
+            mean = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1)
+            tokens = torch.cat([mean[:, None], tokens[:, 1:]], dim=1)
         keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): padding never attended
         return self._shared(tokens, 0, keep)
 

@@ -8,8 +8,9 @@ pretrained ones. Image backends are looked up in a registry (timm, Hugging Face)
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import timm
 import torch
@@ -24,6 +25,37 @@ def select_layers(total: int, layers: int | list[int], what: str) -> list[int]:
     if bad:
         raise ValueError(f"{what} has {total} blocks; cannot keep block(s) {bad}")
     return indices
+
+
+# A block's parameters in timm (`blocks.3.`) and transformers (`encoder.layer.3.`, `layers.3.`) models.
+_BLOCK_NAME = re.compile(r"(?:^|\.)(?:blocks|layer|layers)\.(\d+)\.")
+
+
+def layer_depth(name: str, n_blocks: int) -> int:
+    """Depth of a tower parameter, for freezing and layer-wise learning-rate decay: 0 for the
+    input side (patch/word/position embeddings, CLS and register tokens), i + 1 for kept block
+    i, n_blocks + 1 for what comes after the blocks (a final norm)."""
+    match = _BLOCK_NAME.search(name)
+    if match:
+        return int(match.group(1)) + 1
+    input_side = ("embed", "cls_token", "reg_token", "norm_pre")
+    return 0 if any(key in name for key in input_side) else n_blocks + 1
+
+
+def freeze_tower(tower: nn.Module, n_blocks: int, layers: int | Literal["all"]) -> None:
+    """Stop training the input side and the first `layers` blocks of a tower (all of it: "all")."""
+    for name, param in tower.named_parameters():
+        if layers == "all" or layer_depth(name, n_blocks) <= layers:
+            param.requires_grad_(False)
+
+
+def frozen_modules(module: nn.Module) -> list[nn.Module]:
+    """The outermost submodules whose parameters are all frozen: they run in eval mode, so a
+    frozen layer is a fixed function (no dropout) and its outputs could be computed once."""
+    params = list(module.parameters())
+    if params and not any(p.requires_grad for p in params):
+        return [module]
+    return [m for child in module.children() for m in frozen_modules(child)]
 
 
 def hf_config_from_dict(config: dict[str, Any]) -> PretrainedConfig:
@@ -71,6 +103,7 @@ class ImageTower(nn.Module):
     """
 
     width: int
+    num_blocks: int
     hf_config: dict[str, Any] | None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
@@ -97,6 +130,7 @@ class TimmImageTower(ImageTower):
             model.norm = nn.Identity()
         self.model = model
         self.width = int(model.embed_dim)
+        self.num_blocks = len(model.blocks)
         self.hf_config = None
         self.data_config = timm.data.resolve_data_config({}, model=model)
 
@@ -133,6 +167,7 @@ class HFImageTower(ImageTower):
             mask_token.requires_grad_(False)
         self.model = model
         self.width = int(model.config.hidden_size)
+        self.num_blocks = int(model.config.num_hidden_layers)
         self.hf_config = model.config.to_dict()
         self.data_config = {}
 
@@ -167,6 +202,7 @@ class TextTower(nn.Module):
             truncate_hf_layers(model, layers, f"text model {name!r}")
         self.model = model
         self.width = int(model.config.hidden_size)
+        self.num_blocks = int(model.config.num_hidden_layers)
         self.hf_config = model.config.to_dict()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

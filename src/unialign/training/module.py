@@ -90,6 +90,8 @@ class SMKETraining(L.LightningModule):
         # every parameter shows as a 1-d view of its shard, and ndim would say "no decay" for all.
         self._no_decay = {name for name, p in self.named_parameters()
                           if p.ndim < 2 or any(key in name for key in NO_DECAY_NAMES)}
+        self._lr_scale = {f"model.{name}": scale for name, scale in
+                          self.model.lr_scales(self.cfg.train.tower_lr_scale, self.cfg.train.layer_decay).items()}
         self.samples_seen = 0
         self.samples_bad = 0
         self._rng_restored = False  # set when a checkpoint's RNG states are loaded (resume)
@@ -257,19 +259,25 @@ class SMKETraining(L.LightningModule):
         names = ((name.replace(FSDP_WRAPPED, ""), p) for name, p in self.named_parameters())
         return {name: name not in self._no_decay for name, p in names if p.requires_grad}
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """AdamW groups: one per (weight decay or not, learning-rate multiplier) pair, in a fixed order."""
         t = self.cfg.train
         split = self.weight_decay_split()
-        decay, no_decay = [], []
+        groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
         for name, param in self.named_parameters():
             if param.requires_grad:
-                (decay if split[name.replace(FSDP_WRAPPED, "")] else no_decay).append(param)
+                name = name.replace(FSDP_WRAPPED, "")
+                groups.setdefault((split[name], self._lr_scale.get(name, 1.0)), []).append(param)
+        order = sorted(groups, key=lambda key: (not key[0], -key[1]))  # decayed first, then by rate
+        return [{"params": groups[key], "weight_decay": t.weight_decay if key[0] else 0.0, "lr": lr * key[1]}
+                for key in order]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        t = self.cfg.train
         global_batch = t.batch_size * self.trainer.world_size * t.accumulate_grad_batches
         lr = t.base_lr * global_batch / 256 if t.scale_lr else t.base_lr
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=t.betas, eps=t.eps, fused=self._fused_adamw(),
-        )
+        optimizer = torch.optim.AdamW(self.param_groups(lr), lr=lr, betas=t.betas, eps=t.eps,
+                                      fused=self._fused_adamw())
         self.trainer.estimated_stepping_batches  # sets up the train loader so its length is known
         steps_per_epoch = math.ceil(self.trainer.num_training_batches / t.accumulate_grad_batches)
         total = steps_per_epoch * t.epochs  # the schedule spans the configured epochs even if max_steps cuts it
