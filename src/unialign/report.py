@@ -54,8 +54,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def plot_recalls(labels: Sequence[str], means: Sequence[dict[str, float]], path: Path, title: str,
-                 stds: Sequence[dict[str, float]] | None = None) -> Path | None:
-    """Grouped bars of R@1/5/10 both ways (and their mean) per model; error bars from `stds`.
+                 stds: Sequence[dict[str, float]] | None = None,
+                 chance: dict[str, float] | None = None) -> Path | None:
+    """Grouped bars of R@1/5/10 both ways (and their mean) per model; error bars from `stds`;
+    a dashed mark per metric at `chance` (a random ranking's expected recall).
 
     Returns None, after saying how to install it, when matplotlib is absent: the report
     is still written, only without the picture.
@@ -77,6 +79,11 @@ def plot_recalls(labels: Sequence[str], means: Sequence[dict[str, float]], path:
         err = [stds[i][k] for k in RECALL_KEYS] if stds is not None else None
         ax.bar(x + (i - (len(labels) - 1) / 2) * width, [mean[k] for k in RECALL_KEYS], width, yerr=err,
                capsize=2 if err else 0, label=label)
+    if chance is not None:
+        half = 0.45
+        for i, key in enumerate(RECALL_KEYS):
+            ax.plot([x[i] - half, x[i] + half], [chance[key]] * 2, "k--", linewidth=1,
+                    label="chance" if i == 0 else None)
     ax.set_xticks(x, RECALL_HEADERS)
     ax.set_ylabel("recall (%)")
     ax.set_title(title, fontsize=10)

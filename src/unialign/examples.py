@@ -1,0 +1,114 @@
+"""Search examples for reports: queries chosen by a fixed rule, their top hits, and a picture.
+
+The queries are the held-out captions that come first in blake2b order of their text: the
+choice depends on nothing but the captions, so nobody picks the examples that look good, and
+the same model always shows the same examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from .files import atomic_path
+
+THUMB = 112  # thumbnail side in the picture, pixels
+MARK = (30, 150, 60)  # the captioned image's frame (green)
+
+
+def pick_queries(captions: list[str], n: int) -> list[int]:
+    """Indices of the `n` captions first in blake2b order of their text (ties: caption order)."""
+    order = sorted(range(len(captions)),
+                   key=lambda i: (hashlib.blake2b(captions[i].encode("utf-8"), digest_size=8).hexdigest(), i))
+    return order[:n]
+
+
+def search_examples(checkpoint: Path, karpathy: Path, images: Path, n_queries: int = 4,
+                    top_k: int = 3) -> list[dict[str, Any]]:
+    """Text-to-image search on a split's test images for `n_queries` of its captions (see pick_queries)."""
+    from .data.records import read_karpathy_eval
+    from .evaluation.encode import encode_images, encode_texts
+    from .evaluation.run import default_device
+    from .model.factory import load
+
+    device = default_device()
+    model, preprocess, tokenizer = load(checkpoint, device=device)
+    data = read_karpathy_eval(karpathy, images, "test")
+    image_emb, kept, _ = encode_images(model, preprocess, data.images, device=device, progress=False)
+    picks = pick_queries(data.captions, n_queries)
+    text_emb = encode_texts(model, tokenizer, [data.captions[i] for i in picks], device=device, progress=False)
+    scores = text_emb @ image_emb.T
+    root = Path(images)
+    examples = []
+    for row, i in enumerate(picks):
+        top = scores[row].topk(min(top_k, len(kept))).indices.tolist()
+        truth = data.images[data.caption_to_image[i]]
+        ranked = scores[row].argsort(descending=True).tolist()
+        truth_rank = next((r for r, j in enumerate(ranked) if data.images[kept[j]] == truth), None)
+        examples.append({
+            "query": data.captions[i],
+            "correct": _relative(truth, root),
+            "correct_rank": None if truth_rank is None else truth_rank + 1,
+            "top": [{"file": _relative(data.images[kept[j]], root), "score": round(float(scores[row, j]), 4),
+                     "correct": data.images[kept[j]] == truth} for j in top],
+        })
+    return examples
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def _thumbnail(path: Path) -> Any:
+    from PIL import Image
+
+    from .data.images import load_image
+
+    try:
+        img = load_image(path)
+    except Exception:  # an unreadable file still gets its slot in the picture, grey
+        return Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
+    img.thumbnail((THUMB, THUMB))
+    canvas = Image.new("RGB", (THUMB, THUMB), (255, 255, 255))
+    canvas.paste(img, ((THUMB - img.width) // 2, (THUMB - img.height) // 2))
+    return canvas
+
+
+def draw_search_examples(examples: list[dict[str, Any]], images: Path, path: Path) -> Path:
+    """One row per query: the query, its top hits (the captioned image framed in green, with its
+    score), and, last, the captioned image itself with the rank the model gave it. PNG, atomic."""
+    from PIL import Image, ImageDraw
+
+    pad, text_h = 8, 34
+    cols = max((len(ex["top"]) for ex in examples), default=0) + 1
+    width = pad + cols * (THUMB + pad) + pad
+    height = pad + len(examples) * (text_h + THUMB + 18 + pad)
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for ex in examples:
+        draw.text((pad, y), f"\"{ex['query'][:90]}\"", fill=(0, 0, 0))
+        draw.text((pad, y + 14), "top hits, then the captioned image", fill=(110, 110, 110))
+        y += text_h
+        x = pad
+        for hit in ex["top"]:
+            sheet.paste(_thumbnail(Path(images) / hit["file"]), (x, y))
+            if hit["correct"]:
+                draw.rectangle([x - 3, y - 3, x + THUMB + 2, y + THUMB + 2], outline=MARK, width=3)
+            draw.text((x, y + THUMB + 4), f"{hit['score']:.3f}{'  correct' if hit['correct'] else ''}",
+                      fill=MARK if hit["correct"] else (0, 0, 0))
+            x += THUMB + pad
+        x += pad
+        sheet.paste(_thumbnail(Path(images) / ex["correct"]), (x, y))
+        draw.rectangle([x - 3, y - 3, x + THUMB + 2, y + THUMB + 2], outline=MARK, width=1)
+        rank = ex.get("correct_rank")
+        draw.text((x, y + THUMB + 4), f"answer, rank {rank}" if rank else "answer", fill=MARK)
+        y += THUMB + 18 + pad
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return path
