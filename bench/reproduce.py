@@ -36,6 +36,7 @@ from typing import Any
 from tqdm import tqdm
 
 from unialign.demo import (
+    BASELINE_BASE_LR,
     FULL_STANDIN,
     ROWS,
     DemoAssets,
@@ -129,7 +130,17 @@ def groups(scale: Scale) -> dict[str, Group]:
     banks += [Variant(f"{name} -> {k * b}", {"loss.bank_size": k * b}) for name, k in BANK_BATCHES.items()]
     ratios = ", ".join(f"{k}x" for k in BANK_BATCHES.values())
     sizes = ", ".join(str(k * b) for k in BANK_BATCHES.values())
+    baseline = {"model.image.freeze_layers": "all", "model.text.freeze_layers": "all", "model.text.pool": "mean",
+                "model.shared.depth": 0, "model.head": "linear", "loss.itc_interm": False, **no_kd,
+                "train.base_lr": BASELINE_BASE_LR}
     return {g.name: g for g in (
+        Group("baseline", "S-SMKE against a baseline on the same towers",
+              "aligning the towers through a trained shared block beats a linear map over their frozen features "
+              "(LiT-style; the paper reports no such row)", "S-SMKE",
+              (Variant("S-SMKE", {}), Variant("frozen towers + linear heads", baseline)),
+              note="The baseline keeps the same towers and layers frozen, reads the image CLS after the last kept "
+                   "block and the mean of the text tokens, and trains one linear layer per modality with ITC "
+                   "(its own learning rate, demo's BASELINE_BASE_LR); same pairs, same steps."),
         Group("kd", "Teacher distillation", "contrastive KD with a memory bank beats in-batch contrastive KD, "
               "MSE KD and no KD", "contrastive + bank",
               (Variant("contrastive + bank", {}), Variant("contrastive in-batch", {"loss.bank_size": 0}),
@@ -375,7 +386,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
     pairs_per_epoch = math.ceil(steps * base_scale.batch_size / base_scale.epochs)
     world = max(8, math.ceil((pairs_per_epoch - real_pairs) / 2))
     scale = fit_to_standins(replace(base_scale, world_images=world), missing)
-    assets = prepare_assets(cache, args.out, scale, status)
+    # Tux Paint + generated pairs only: the epoch length (and so the schedule) is sized from them.
+    assets = prepare_assets(cache, args.out, scale, status, clipart=False)
     if assets.missing:
         print("missing real assets (stand-ins used; the pretraining claims are then not tested): "
               + "; ".join(f"{k}: {v}" for k, v in assets.missing.items()))

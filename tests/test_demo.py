@@ -95,7 +95,7 @@ def _load_reproduce() -> ModuleType:
 def test_reproduce_smoke(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reproduce = _load_reproduce()
     groups = reproduce.groups(reproduce.CPU)
-    assert list(groups) == ["kd", "pretrained", "bank", "depth", "layers", "batch"]
+    assert list(groups) == ["baseline", "kd", "pretrained", "bank", "depth", "layers", "batch"]
     # Stand-in towers keep the smoke run to seconds; the real ones are covered by the demo test.
     monkeypatch.setattr(reproduce, "check_assets", lambda: dict(ALL_MISSING))
     out = tmp_path / "repro"

