@@ -36,7 +36,7 @@ from typing import Any
 from tqdm import tqdm
 
 from unialign.demo import (
-    BASELINE_BASE_LR,
+    BASELINE,
     FULL_STANDIN,
     ROWS,
     DemoAssets,
@@ -48,6 +48,7 @@ from unialign.demo import (
     missing_assets,
     prepare_assets,
     quiet_libraries,
+    set_key,
     steps_per_run,
     with_teacher_cache,
 )
@@ -93,14 +94,6 @@ def get_key(raw: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
-    *parents, last = dotted.split(".")
-    for part in parents:
-        node = node[part]
-    node[last] = value
-
-
 def variant_key(base: dict[str, Any], variant: Variant) -> str:
     """Identifies the run by what actually differs from the base config, so a setting that
     appears in several groups (e.g. the base itself) is trained once per seed."""
@@ -130,9 +123,7 @@ def groups(scale: Scale) -> dict[str, Group]:
     banks += [Variant(f"{name} -> {k * b}", {"loss.bank_size": k * b}) for name, k in BANK_BATCHES.items()]
     ratios = ", ".join(f"{k}x" for k in BANK_BATCHES.values())
     sizes = ", ".join(str(k * b) for k in BANK_BATCHES.values())
-    baseline = {"model.image.freeze_layers": "all", "model.text.freeze_layers": "all", "model.text.pool": "mean",
-                "model.shared.depth": 0, "model.head": "linear", "loss.itc_interm": False, **no_kd,
-                "train.base_lr": BASELINE_BASE_LR}
+    baseline = {**BASELINE, **no_kd}
     return {g.name: g for g in (
         Group("baseline", "S-SMKE against a baseline on the same towers",
               "aligning the towers through a trained shared block beats a linear map over their frozen features "
@@ -140,7 +131,7 @@ def groups(scale: Scale) -> dict[str, Group]:
               (Variant("S-SMKE", {}), Variant("frozen towers + linear heads", baseline)),
               note="The baseline keeps the same towers and layers frozen, reads the image CLS after the last kept "
                    "block and the mean of the text tokens, and trains one linear layer per modality with ITC "
-                   "(its own learning rate, demo's BASELINE_BASE_LR); same pairs, same steps."),
+                   "(its own learning rate, as in the demo's BASELINE); same pairs, same steps."),
         Group("kd", "Teacher distillation", "contrastive KD with a memory bank beats in-batch contrastive KD, "
               "MSE KD and no KD", "contrastive + bank",
               (Variant("contrastive + bank", {}), Variant("contrastive in-batch", {"loss.bank_size": 0}),
