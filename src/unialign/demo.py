@@ -120,7 +120,6 @@ class Scale:
     bank_size: int
     base_lr: float  # per 256 pairs, scaled to the batch like the paper's recipe
     text_pool: str = "cls"  # model.text.pool of the S-SMKE rows
-    tower_lr_scale: float = 1.0  # train.tower_lr_scale of the S-SMKE rows
     image_freeze: int = 0  # model.image.freeze_layers of the S-SMKE rows
     text_freeze: int = 0  # model.text.freeze_layers of the S-SMKE rows
 
@@ -272,8 +271,8 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
         if not clipart_json.is_file():
             import_openclipart(None, clipart_json.parent)
         clipart_root = Path(json.loads(clipart_json.read_text())["image_root"])
-        # Held out only: at the demo's ~115 steps, one pass over its 2,801 training drawings instead
-        # of five over Tux Paint's lowered Tux Paint test recall (docs/RECIPE.md).
+        # Held out only: at the demo's ~115 steps, one pass over its 2,801 training drawings in place
+        # of four of the five passes over Tux Paint lowered the Tux Paint test recall (docs/RECIPE.md).
         extra_evals.append(("Open Clip Art drawings, test split", clipart_json, clipart_root))
         used["captions"] += "; second held-out set: Open Clip Art drawings (test split; never trained on)"
 
@@ -344,7 +343,7 @@ def demo_config(assets: DemoAssets, scale: Scale, row: Row) -> dict[str, Any]:
         },
         "train": {
             "epochs": scale.epochs, "max_steps": scale.max_steps, "batch_size": scale.batch_size,
-            "base_lr": scale.base_lr, "tower_lr_scale": scale.tower_lr_scale, "warmup_fraction": 0.1,
+            "base_lr": scale.base_lr, "warmup_fraction": 0.1,
             "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true",
             "accelerator": "auto", "devices": 1, "checkpoint_every_steps": 10**9, "log_every_steps": 5,
             "progress_bar": False, "loggers": ["csv"],
@@ -450,7 +449,7 @@ def write_report(output: Path, report: dict[str, Any]) -> dict[str, Path]:
                         f"retrieval on {report['eval']['name']} ({report['eval']['images']} images)",
                         chance=report["chance"])
     report["files"] = {"json": "report.json", "markdown": "report.md", "plot": plot.name if plot else None,
-                       "search_examples": report.get("search_examples_png")}
+                       "search_examples": report["search_examples_png"]}
     write_json_atomic(output / "report.json", report)
     headers = ("model", *RECALL_HEADERS)
     e = report["eval"]
@@ -481,16 +480,13 @@ def write_report(output: Path, report: dict[str, Any]) -> dict[str, Path]:
     found = sum(any(t["correct"] for t in ex["top"]) for ex in report["search"])
     lines += [f"Queries: the {len(report['search'])} test captions first in blake2b order of their text (a fixed "
               f"rule, not a choice); the captioned image is in the top 3 for {found} of them.", ""]
-    if report.get("search_examples_png"):
-        lines += [f"![search examples]({report['search_examples_png']})", ""]
+    lines += [f"![search examples]({report['search_examples_png']})", ""]
     for ex in report["search"]:
         hits = ", ".join(f"{t['file']}{' (correct)' if t['correct'] else ''}" for t in ex["top"])
         lines.append(f"- \"{ex['query']}\" -> {hits} [answer: {ex['correct']}, rank {ex['correct_rank']}]")
     write_text_atomic(output / "report.md", "\n".join(lines) + "\n")
-    files = {"json": output / "report.json", "markdown": output / "report.md", **({"plot": plot} if plot else {})}
-    if report.get("search_examples_png"):
-        files["search_examples"] = output / report["search_examples_png"]
-    return files
+    return {"json": output / "report.json", "markdown": output / "report.md", **({"plot": plot} if plot else {}),
+            "search_examples": output / report["search_examples_png"]}
 
 
 @contextmanager

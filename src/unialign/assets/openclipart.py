@@ -50,12 +50,14 @@ class Drawing:
     captions: tuple[str, ...]
 
 
-def openclipart_root() -> Path:
-    """The installed library (with both its svg/ and png/ trees), or :class:`AssetMissing`."""
+def openclipart_root(root: Path | None = None) -> Path:
+    """The library at `root` (default: the installed one) with both its svg/ and png/ trees, or
+    :class:`AssetMissing`."""
+    root = Path(root) if root is not None else DEFAULT_ROOT
     for tree in ("svg", "png"):
-        if not (DEFAULT_ROOT / tree).is_dir():
-            raise AssetMissing(_WHAT, f"no {DEFAULT_ROOT / tree} folder", OPENCLIPART_INSTALL)
-    return DEFAULT_ROOT
+        if not (root / tree).is_dir():
+            raise AssetMissing(_WHAT, f"no {root / tree} folder", OPENCLIPART_INSTALL)
+    return root
 
 
 def read_metadata(svg: Path) -> tuple[str, str]:
@@ -140,9 +142,7 @@ def scan_drawings(root: Path, max_title_repeats: int = 3, max_description_words:
 def import_openclipart(root: Path | None, out_dir: Path, val_fraction: float = 0.05, test_fraction: float = 0.1,
                        filename: str = KARPATHY_NAME, max_title_repeats: int = 3, max_pixels: int = MAX_PIXELS) -> Path:
     """Write a Karpathy-format JSON of the captioned drawings (images in the png/ tree); returns its path."""
-    root = Path(root) if root is not None else openclipart_root()
-    if not (root / "svg").is_dir() or not (root / "png").is_dir():
-        raise AssetMissing(_WHAT, f"{root} has no svg/ and png/ folders", OPENCLIPART_INSTALL)
+    root = openclipart_root(root)
     drawings, skipped = scan_drawings(root, max_title_repeats, max_pixels=max_pixels)
     if not drawings:
         raise AssetMissing(_WHAT, f"no captioned drawings under {root} (skipped: {skipped})", OPENCLIPART_INSTALL)
