@@ -276,24 +276,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"shards ready ({kb} KB per JPEG, {time.perf_counter() - t0:.1f} s)")
         tok = tokenizer(root)
         res = result["results"]
+
+        def measure(name: str, fn: Any, *fargs: Any, **kw: Any) -> None:
+            # Each figure is kept (and the JSON rewritten) as soon as it is measured, and a failing
+            # path (the CUDA decoder, a worker crash) is recorded with its error: one failure must
+            # not lose the figures of the rest of a 10-minute device call.
+            try:
+                res[name] = fn(*fargs, **kw)
+            except Exception as err:  # noqa: BLE001 - recorded and shown in the table
+                import traceback
+
+                traceback.print_exc()
+                res[name] = {"error": f"{type(err).__name__}: {err}"[:500]}
+            r = res[name]
+            print(f"  {name:26s} " + (f"{r['images_per_s']:9.1f} images/s" if r.get("images_per_s")
+                                      else str(r.get("error") or r.get("skipped", "n/a"))), flush=True)
+            if args.json:
+                write_json_atomic(args.json, result)
+
         jpegs = _raw_jpegs(urls, min(n, 512))
-        res["pil_decode_only"] = pil_decode_only(jpegs)
-        res["pil_decode_augment"] = pil_decode_augment(jpegs, args, draft=False)
-        res["pil_decode_augment_uint8"] = pil_decode_augment(jpegs, args, draft=False, normalize=False)
-        res["pil_draft_decode_augment"] = pil_decode_augment(jpegs, args, draft=True)
-        res["unialign_float_w0"] = unialign_pipeline(urls, n, 0, args, tok, on_device=False)
+        measure("pil_decode_only", pil_decode_only, jpegs)
+        measure("pil_decode_augment", pil_decode_augment, jpegs, args, draft=False)
+        measure("pil_decode_augment_uint8", pil_decode_augment, jpegs, args, draft=False, normalize=False)
+        measure("pil_draft_decode_augment", pil_decode_augment, jpegs, args, draft=True)
+        measure("unialign_float_w0", unialign_pipeline, urls, n, 0, args, tok, on_device=False)
         for w in workers:
-            res[f"unialign_w{w}"] = unialign_pipeline(urls, n, w, args, tok)
+            measure(f"unialign_w{w}", unialign_pipeline, urls, n, w, args, tok)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         for w in devdec_workers:
-            res[f"unialign_devdec_w{w}"] = unialign_device_decode(urls, n, w, args, tok, device)
-    base = res["unialign_w0"]["images_per_s"]
+            measure(f"unialign_devdec_w{w}", unialign_device_decode, urls, n, w, args, tok, device)
+    base = res.get("unialign_w0", {}).get("images_per_s")
     for name, r in res.items():
         rate = r.get("images_per_s")
         if rate and base:
             r["x_baseline"] = round(rate / base, 2)
         print(f"  {name:26s} " + (f"{rate:9.1f} images/s" if rate else f"{r.get('skipped', 'n/a')}")
-              + (f"  ({r['x_baseline']}x unialign_w0)" if "x_baseline" in r else ""))
+              + (f"  ({r['x_baseline']}x unialign_w0)" if "x_baseline" in r else "")
+              + (f"  ERROR {r['error']}" if "error" in r else ""))
     print(f"a 1-hour SPEC run needs {NEEDED_PAIRS_PER_S:,.0f} pairs/s")
     if args.json:
         write_json_atomic(args.json, result)

@@ -1,51 +1,73 @@
 #!/usr/bin/env bash
-# Issue 5's measurements on a GPU machine, in parts that each fit one 10-minute device call:
+# Issue 5's measurements on a GPU machine, in parts that each fit one 10-minute device call and
+# bring back at most 8 files (a JSON, written after every measurement, and a log per benchmark):
 #
-#   bash bench/gpu_suite.sh step      # bench/train_step.py, every variant, batch 256, text 64
-#   bash bench/gpu_suite.sh compile   # torch.compile twins + the text-32 rerun
-#   bash bench/gpu_suite.sh data      # input pipeline: CPU workers, data.decode: device (nvJPEG)
-#   bash bench/gpu_suite.sh eval      # COCO-5K-sized encode + rank, fp32 and bf16
-#   bash bench/gpu_suite.sh tests     # the tests that need CUDA (nvJPEG stream safety), then the speed tests
+#   bash bench/gpu_suite.sh first     # CUDA tests (nvJPEG stream safety, speed features), then
+#                                     # bench/train_step.py: every variant at 64 tokens, the 32-token rerun
+#   bash bench/gpu_suite.sh compile   # torch.compile twins of the unialign variants
+#   bash bench/gpu_suite.sh io        # input pipeline (CPU workers, nvJPEG) + COCO-5K-sized eval
+#   bash bench/gpu_suite.sh train     # `unialign train`, DDP then FSDP, killed once and resumed
 #
-# Arguments after the part go to every benchmark it runs (`bash bench/gpu_suite.sh data --small`
-# checks the plumbing on any machine). Each part writes PART.json and PART.log into $OUT (the device tool's output folder) or
-# bench_out/, and a Markdown table (bench/perf_table.py) into PART.md. Wheels in .whl (made by
-# bench/device_wheels.sh) are installed first where unialign's needs are missing; unialign itself
-# runs from src/.
+# Arguments after the part go to every benchmark it runs, not to pytest (`bash bench/gpu_suite.sh
+# io --small` checks the plumbing on any machine). Results go to $OUT (the device tool's folder)
+# or bench_out/; `python bench/perf_table.py bench_out/*.json` makes the Markdown tables. Wheels in
+# .whl (made by bench/device_wheels.sh) are installed first where unialign's needs are missing;
+# unialign itself runs from src/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?"which part: step, compile, data, eval or tests"}
+part=${1:?"which part: first, compile, io or train"}
 shift
 extra=("$@")
 out=${OUT:-bench_out}
 mkdir -p "$out"
-if [ -d .whl ] && ! python3 -c "import pydantic, webdataset, pytest" 2>/dev/null; then  # only where they are missing
+if ! python3 -c "import pydantic, webdataset" 2>/dev/null; then
+    if [ ! -d .whl ]; then
+        echo "pydantic/webdataset are missing here and no .whl folder was carried: run" \
+             "'bash bench/device_wheels.sh' on the dev machine and pass carry: [\".whl\"]" >&2
+        exit 3
+    fi
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 work=${UNIALIGN_BENCH_WORKDIR:-/tmp/ua_bench}
+header() {  # the first line of every log: what ran where
+    python3 - <<'PY'
+import importlib.metadata as md, shutil, torch
+names = ["torch", "torchvision", "timm", "transformers", "lightning", "numpy", "pydantic", "webdataset"]
+vers = []
+for n in names:
+    try:
+        vers.append(f"{n} {md.version(n)}")
+    except md.PackageNotFoundError:
+        vers.append(f"{n} missing")
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+disk = ", ".join(f"{p} {shutil.disk_usage(p).free / 2**30:.1f} GiB free" for p in ("/dev/shm", "/tmp"))
+print(f"# {gpu} | {' | '.join(vers)} | {disk}")
+PY
+}
 
-run() {  # run NAME SCRIPT ARGS...: JSON + log + table for one benchmark invocation
+run() {  # run NAME SCRIPT ARGS...: JSON (rewritten as each figure is measured) + log
     local name=$1 script=$2
     shift 2
-    echo "== $name: python3 bench/$script $*"
-    python3 "bench/$script" "$@" "${extra[@]}" --json "$out/$name.json" 2>&1 | tee "$out/$name.log"
-    [ -f "$out/$name.json" ] && python3 bench/perf_table.py "$out/$name.json" > "$out/$name.md"
+    { header; echo "== $name: python3 bench/$script $* ${extra[*]}"; } | tee "$out/$name.log"
+    python3 "bench/$script" "$@" "${extra[@]}" --json "$out/$name.json" 2>&1 | tee -a "$out/$name.log"
 }
 
 case $part in
-    step) run train_step train_step.py --workdir "$work" ;;
-    compile)
-        run train_step_compile train_step.py --workdir "$work" --compile \
-            --variants unialign-bf16-online,unialign-bf16-cached
+    first)
+        { header; python3 -m pytest -q -p no:cacheprovider tests/test_device_decode.py tests/test_speed_features.py; } \
+            2>&1 | tee "$out/tests.log"
+        run train_step train_step.py --workdir "$work"
         run train_step_len32 train_step.py --workdir "$work" --text-len 32 \
             --variants unialign-bf16-online,unialign-bf16-cached,clip-vit-b16-bert-base ;;
-    data) run data data.py --workdir /tmp/ua_data ;;
-    eval) run eval eval.py --workdir /tmp/ua_eval ;;
-    tests)
-        python3 -m pytest -q -p no:cacheprovider tests/test_device_decode.py tests/test_speed_features.py \
-            "${extra[@]}" 2>&1 | tee "$out/tests.log" ;;
-    *) echo "unknown part $part (step, compile, data, eval, tests)" >&2; exit 2 ;;
+    compile)
+        run train_step_compile train_step.py --workdir "$work" --compile \
+            --variants unialign-bf16-online,unialign-bf16-cached ;;
+    io)
+        run data data.py --workdir /tmp/ua_data
+        run eval eval.py --workdir /tmp/ua_eval ;;
+    train) run train_run train_run.py --workdir /tmp/ua_run ;;
+    *) echo "unknown part $part (first, compile, io, train)" >&2; exit 2 ;;
 esac

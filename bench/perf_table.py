@@ -63,7 +63,7 @@ def data_table(r: dict[str, Any]) -> str:
              f"Needed for the one-hour SPEC run: {_num(r.get('needed_pairs_per_s_for_1h_spec_run'))} pairs/s.", "",
              "| pipeline | images/s | x baseline | notes |", "|---|---|---|---|"]
     for name, v in r.get("results", {}).items():
-        note = v.get("skipped") or v.get("note") or ", ".join(
+        note = (f"error: {v['error'][:80]}" if "error" in v else v.get("skipped") or v.get("note")) or ", ".join(
             f"{k} {v[k]}" for k in ("pixels", "decode_device", "startup_and_first_batch_s") if k in v)
         lines.append(f"| {name} | {_num(v.get('images_per_s'))} | {_num(v.get('x_baseline'), 2)} | {note} |")
     return "\n".join(lines)
@@ -73,13 +73,33 @@ def eval_table(r: dict[str, Any]) -> str:
     lines = [_header(r, "images", "captions", "batch", "num_workers"), "",
              "| precision | images s | texts s | ranking s | total s | x baseline |", "|---|---|---|---|---|---|"]
     for name, v in r.get("runs", {}).items():
+        if "error" in v:
+            lines.append(f"| {name} | error: {v['error'][:80]} |" + " |" * 4)
+            continue
         lines.append(f"| {name} | {_num(v.get('images_s'), 2)} | {_num(v.get('texts_s'), 2)} | "
                      f"{_num(v.get('ranking_s'), 2)} | {_num(v.get('total_s'), 2)} | {_num(v.get('x_baseline'), 2)} |")
     return "\n".join(lines)
 
 
+def train_run_table(r: dict[str, Any]) -> str:
+    lines = [_header(r, "batch", "steps", "kill_after", "precision", "num_workers"), "",
+             f"bench/train_step.py, same shapes (unialign-bf16-online): "
+             f"{_num(r.get('bench_train_step_pairs_per_s'))} pairs/s.", "",
+             "| strategy | ok | first launch s | resumed from step | resumed launch s | final step | "
+             "pairs/s (own log) | final loss |", "|---|---|---|---|---|---|---|---|"]
+    for name, v in r.get("runs", {}).items():
+        if "error" in v:
+            lines.append(f"| {name} | error: {v['error'][:80]} |" + " |" * 6)
+            continue
+        first, resumed = v.get("first", {}), v.get("resumed", {})
+        lines.append(f"| {name} | {v.get('ok')} | {_num(first.get('wall_s'))} | {_num(v.get('resumed_from_step'))} | "
+                     f"{_num(resumed.get('wall_s'))} | {_num(v.get('final_step'))} | "
+                     f"{_num(v.get('pairs_per_s_logged'))} | {_num(v.get('final_metrics', {}).get('train/loss'), 3)} |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
-    "train_step": train_step_table, "data": data_table, "eval": eval_table}
+    "train_step": train_step_table, "data": data_table, "eval": eval_table, "train_run": train_run_table}
 
 
 def render(paths: list[Path]) -> str:

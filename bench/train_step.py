@@ -554,6 +554,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             result["variants"][name] = spec
+            if args.json:  # written after each variant: a later crash or timeout loses nothing measured
+                write_json_atomic(args.json, result)
             if "error" not in spec:
                 b = spec["breakdown_ms"]
                 print(f"   {spec['precision']}, {spec['attention']} attention, teacher {spec['teacher']}: "

@@ -496,17 +496,54 @@ def test_benchmarks_run_small(script, extra, tmp_path, monkeypatch):
     result = _bench_module(script).main(["--small", "--json", str(out), *extra])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["small"] is True and result["device"] and result["baseline"]
-    errors = {k: v["error"] for k, v in result.get("variants", {}).items() if "error" in v}
+    rows = {"train_step": "variants", "data": "results", "eval": "runs"}[result["bench"]]
+    errors = {k: v["error"] for k, v in result[rows].items() if "error" in v}
     assert not errors, errors
     perf = _bench_module("perf_table.py")
     table = perf.render([out])
     assert "--small: a smoke run" in table
-    rows = {"train_step": "variants", "data": "results", "eval": "runs"}[result["bench"]]
     for name, row in result[rows].items():
         shown = perf._num(row["total_s"], 2) if rows == "runs" else perf._num(row.get("pairs_per_s",
                                                                                      row.get("images_per_s")))
         line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
         assert f"| {shown} |" in line, (name, shown, line)
+
+
+def test_a_failing_measurement_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
+    """One broken path (here the device decoder) must not lose the figures of the others: they are
+    in the JSON on disk, and the failure is a row of its own with its error."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    data = _bench_module("data.py")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("nvJPEG said no")
+
+    monkeypatch.setattr(data, "unialign_device_decode", broken)
+    out = tmp_path / "data.json"
+    data.main(["--small", "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    res = json.loads(out.read_text())["results"]
+    assert res["unialign_devdec_w0"] == {"error": "RuntimeError: nvJPEG said no"}
+    assert res["unialign_w0"]["images_per_s"] > 0 and res["unialign_w2"]["images_per_s"] > 0
+    assert "| unialign_devdec_w0 | - | - | error: RuntimeError: nvJPEG said no |" in \
+        _bench_module("perf_table.py").render([out])
+
+
+def test_train_run_kills_and_resumes_the_real_command(tmp_path, monkeypatch):
+    """bench/train_run.py at --small: `unialign train` in a child, SIGKILLed after the step-4
+    checkpoint, resumed from that checkpoint (not from 0) and run to step 8."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    out = tmp_path / "run.json"
+    result = _bench_module("train_run.py").main(["--small", "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    run = result["runs"]["ddp"]
+    assert run["ok"], run
+    assert run["first"]["killed"] and run["first"]["returncode"] == -9
+    assert 4 <= run["resumed_from_step"] < 8 and run["final_step"] == 8
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert "| ddp | True |" in _bench_module("perf_table.py").render([out])
 
 
 def _bench_module(script: str):
