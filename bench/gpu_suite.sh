@@ -5,7 +5,7 @@
 #   bash bench/gpu_suite.sh first     # CUDA tests (nvJPEG stream safety, speed features), then
 #                                     # bench/train_step.py: every variant at 64 tokens, the 32-token rerun
 #   bash bench/gpu_suite.sh compile   # torch.compile twins of the unialign variants
-#   bash bench/gpu_suite.sh io        # input pipeline (CPU workers, nvJPEG) + COCO-5K-sized eval
+#   bash bench/gpu_suite.sh io        # COCO-5K-sized eval + input pipeline (CPU workers, nvJPEG)
 #   bash bench/gpu_suite.sh train     # `unialign train`, DDP then FSDP, killed once and resumed
 #
 # Arguments after the part go to every benchmark it runs, not to pytest (`bash bench/gpu_suite.sh
@@ -66,8 +66,8 @@ case $part in
         run train_step_compile train_step.py --workdir "$work" --compile \
             --variants unialign-bf16-online,unialign-bf16-cached ;;
     io)
-        run data data.py --workdir /tmp/ua_data
-        run eval eval.py --workdir /tmp/ua_eval ;;
+        run eval eval.py --workdir /tmp/ua_eval
+        run data data.py --workdir /tmp/ua_data ;;
     train) run train_run train_run.py --workdir /tmp/ua_run ;;
     *) echo "unknown part $part (first, compile, io, train)" >&2; exit 2 ;;
 esac

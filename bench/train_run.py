@@ -81,7 +81,7 @@ def launch(config: Path, output: Path, resume: bool, kill_when: Path | None, log
                 killed = True
                 child.wait()
                 break
-            time.sleep(0.5)
+            time.sleep(0.05)
     r: dict[str, Any] = {"returncode": child.returncode, "killed": killed,
                          "wall_s": round(time.perf_counter() - t0, 1)}
     if child.returncode != 0 and not killed:
@@ -111,7 +111,8 @@ def run_strategy(args: argparse.Namespace, workdir: Path, urls: str, n: int, str
     start = len(log.read_text())
     r["resumed"] = launch(config, output, True, None, log, args.timeout)
     found = re.search(r"resuming data at epoch (\d+) after (\d+) batches", log.read_text()[start:])
-    r["resumed_from_step"] = int(found.group(2)) if found else None
+    # the data module logs the epoch and the batches consumed in it; the global step follows
+    r["resumed_from_step"] = int(found.group(1)) * (n // args.batch) + int(found.group(2)) if found else None
     summary_path = output / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
@@ -131,9 +132,9 @@ def run_strategy(args: argparse.Namespace, workdir: Path, urls: str, n: int, str
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help="tiny shapes, 8 steps on CPU: checks the plumbing")
+    p.add_argument("--small", action="store_true", help="tiny shapes, 16 steps: checks the plumbing")
     p.add_argument("--strategies", default=None, help="comma list (default ddp,fsdp on a GPU, ddp on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="default 200 (8 with --small)")
+    p.add_argument("--steps", type=int, default=None, help="default 200 (16 with --small)")
     p.add_argument("--kill-after", type=int, default=None, help="checkpoint step after which the child is "
                    "killed (default 100; 4 with --small)")
     p.add_argument("--batch", type=int, default=None, help="default 256 (4 with --small)")
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     small, gpu = args.small, torch.cuda.is_available()
-    args.steps = args.steps or (8 if small else 200)
+    args.steps = args.steps or (16 if small else 200)
     args.kill_after = args.kill_after or (4 if small else 100)
     args.batch = args.batch or (4 if small else 256)
     args.log_every = args.log_every or (1 if small else 10)

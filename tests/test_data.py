@@ -13,6 +13,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import BertTokenizerFast
@@ -436,6 +437,7 @@ class _Recorder(LightningModule):
         super().__init__()
         self.layer = torch.nn.Linear(3, 1)
         self.crash_at = crash_at
+        self.steps_asked: int | None = None
         self.seen: list[tuple[list[int], float]] = []
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -445,21 +447,35 @@ class _Recorder(LightningModule):
         return self.layer(batch["image"].mean(dim=(2, 3))).pow(2).mean()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        # as SMKETraining does for its schedule: this builds the train loader early
+        self.steps_asked = self.trainer.estimated_stepping_batches
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+class _RestoreAfterSetup(SingleDeviceStrategy):
+    """Reads the checkpoint after setup, as FSDP does: the train loader already exists by then."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
 def _fit(dm_factory: Any, module: _Recorder, ckpt_dir: Path | None = None, every: int = 0,
-         ckpt_path: Path | None = None) -> None:
+         ckpt_path: Path | None = None, strategy: Any = "auto") -> None:
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=every,
                                  save_top_k=-1)] if ckpt_dir else []
-    trainer = Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    trainer = Trainer(max_epochs=2, accelerator="cpu", devices=1, strategy=strategy, logger=False,
+                      enable_progress_bar=False,
                       enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
                       enable_checkpointing=bool(callbacks), callbacks=callbacks, default_root_dir=ckpt_dir)
-    trainer.fit(module, datamodule=dm_factory(), ckpt_path=ckpt_path)
+    dm = dm_factory()
+    if ckpt_path is not None and getattr(strategy, "restore_checkpoint_after_setup", False):
+        dm.read_checkpoint(ckpt_path)  # what unialign.training.train does on --resume
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
 
 def _check_resume(dm_factory: Any, tmp_path: Path, steps_per_epoch: int, every: int, crash_at: int,
-                  resume_steps: list[int]) -> None:
+                  resume_steps: list[int], strategy: Any = None) -> None:
     uninterrupted = _Recorder()
     _fit(dm_factory, uninterrupted)
     assert len(uninterrupted.seen) == 2 * steps_per_epoch
@@ -469,7 +485,7 @@ def _check_resume(dm_factory: Any, tmp_path: Path, steps_per_epoch: int, every: 
     assert crashed.seen == uninterrupted.seen[:crash_at]
     for step in resume_steps:
         resumed = _Recorder()
-        _fit(dm_factory, resumed, ckpt_path=tmp_path / f"step={step}.ckpt")
+        _fit(dm_factory, resumed, ckpt_path=tmp_path / f"step={step}.ckpt", strategy=strategy() if strategy else "auto")
         assert crashed.seen[:step] + resumed.seen == uninterrupted.seen, f"resume from step {step}"
 
 
@@ -482,6 +498,25 @@ def test_lightning_mid_epoch_resume_map_style(world: Path, world_json: Path, tok
     # 12 (the last batch of epoch 0) and 18 (mid epoch 1); crash at step 20.
     _check_resume(lambda: RetrievalDataModule(cfg, tokenizer, 16, batch_size=4, seed=11), tmp_path,
                   steps_per_epoch=12, every=6, crash_at=20, resume_steps=[6, 12, 18])
+
+
+@pytest.mark.parametrize("iterable", [False, True])
+def test_mid_epoch_resume_when_the_strategy_restores_after_setup(shards: dict[str, Any], world: Path,
+                                                                 world_json: Path, tokenizer: Any, tmp_path: Path,
+                                                                 iterable: bool) -> None:
+    """FSDP reads the checkpoint after configure_optimizers has built the train loader (found on an
+    H100: the resumed FSDP run started its epoch from the first batch); the data position must
+    still be restored."""
+    sources = [KarpathySource(path=world_json, images=world, splits=["train"])]
+    if iterable:
+        sources = [KarpathySource(path=world_json, images=world, splits=["restval"]),
+                   WebDatasetSource(urls=shards["b"], size=16)]
+    cfg = DataConfig(train=sources, image_size=SIZE, num_workers=0)
+    steps = 6 if iterable else 12
+    _check_resume(lambda: RetrievalDataModule(cfg, tokenizer, 16, batch_size=4, seed=11), tmp_path,
+                  steps_per_epoch=steps, every=steps // 2, crash_at=steps + steps // 2 + 1,
+                  resume_steps=[steps // 2, steps + steps // 2],
+                  strategy=lambda: _RestoreAfterSetup(torch.device("cpu")))
 
 
 def test_lightning_mid_epoch_resume_webdataset_workers(shards: dict[str, Any], world: Path, world_json: Path,

@@ -182,6 +182,28 @@ def test_output_dir_with_a_run_needs_resume(world, text_model_dir, teacher_check
         train(cfg, tmp_path / "run")
 
 
+def test_resume_takes_the_newest_checkpoint(tmp_path):
+    """A run killed between the periodic step checkpoint and last.ckpt (seconds apart for a large
+    model; it happened to the FSDP run on an H100) resumes from the step checkpoint."""
+    import os
+
+    from unialign.training.trainer import resume_checkpoint
+
+    ckpts = tmp_path / CHECKPOINT_DIR
+    ckpts.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        resume_checkpoint(tmp_path)
+    for name, age in [("step00000100.ckpt", 30), ("last.ckpt", 20), (FINAL, 0)]:
+        (ckpts / name).write_bytes(b"x")
+        os.utime(ckpts / name, (1e9 - age, 1e9 - age))
+    assert resume_checkpoint(tmp_path).name == "last.ckpt"  # the usual case; final.ckpt holds weights only
+    (ckpts / "step00000200.ckpt").write_bytes(b"x")  # written, then killed before last.ckpt
+    assert resume_checkpoint(tmp_path).name == "step00000200.ckpt"
+    (ckpts / "last.ckpt").unlink()
+    (ckpts / "step00000200.ckpt").unlink()
+    assert resume_checkpoint(tmp_path).name == "step00000100.ckpt"
+
+
 def _corrupt(world: Path, tmp_path: Path, n_bad: int) -> Path:
     """A copy of the world with `n_bad` train images replaced by garbage bytes."""
     import shutil

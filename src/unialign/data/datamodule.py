@@ -126,6 +126,8 @@ class RetrievalDataModule(LightningDataModule):
         self.val_set: RetrievalSet | None = None
         self.stats: dict[str, Any] = {}
         self._resume_state: dict[str, Any] | None = None
+        self._train_loader: tuple[_TrainLoader, bool] | None = None  # the last one handed out
+        self._applied_state: dict[str, Any] | None = None  # the position it was given
 
     # -----------------------------------------------------------------------------------
     # Reading
@@ -210,7 +212,8 @@ class RetrievalDataModule(LightningDataModule):
             loader = _TrainLoader(dataset, drop_last=True, epoch_fn=self._fit_epoch, seed=self.seed, **kwargs)
         if len(loader) == 0:
             raise DataError(f"{len(dataset)} training pairs per rank make no full batch of {self.batch_size}")
-        self._apply_resume(loader, iterable=isinstance(dataset, MixedIterableDataset))
+        self._train_loader = (loader, isinstance(dataset, MixedIterableDataset))
+        self._apply_resume(*self._train_loader)
         return loader
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
@@ -262,10 +265,24 @@ class RetrievalDataModule(LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Remember the position; the next :meth:`train_dataloader` resumes from it."""
-        self._resume_state = dict(state_dict) if state_dict else None
+        state = dict(state_dict) if state_dict else None
+        if self._train_loader is not None:
+            # Strategies that restore after setup (FSDP) call this after the train loader was built and
+            # its iterator started: too late to position it, hence `read_checkpoint` before fit.
+            if state != self._applied_state:
+                log.warning("the checkpoint's data position (%s) came after the train loader was built (%s): "
+                            "the resumed epoch starts from its first batch", state, self._applied_state)
+            return
+        self._resume_state = state
+
+    def read_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Take the data position from a Lightning checkpoint now, before fit builds the train loader."""
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        self.load_state_dict(ckpt.get(type(self).__qualname__, {}))
 
     def _apply_resume(self, loader: _TrainLoader, iterable: bool) -> None:
         state, self._resume_state = self._resume_state, None
+        self._applied_state = state
         if state is None:
             return
         epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])

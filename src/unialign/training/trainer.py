@@ -134,6 +134,23 @@ def build_trainer(cfg: Config, output: Path, callbacks: list[Callback] | None = 
     )
 
 
+def resume_checkpoint(output: Path) -> Path:
+    """The newest full checkpoint of a run: last.ckpt, or a periodic step checkpoint written after it.
+
+    Every `checkpoint_every_steps` Lightning writes stepNNN.ckpt and then last.ckpt; a run killed
+    between the two (seconds for a large model, measured on an H100 with FSDP) leaves the step
+    checkpoint newer than last.ckpt, or the only one. Both are written atomically, so the newest
+    file is complete."""
+    found = [p for p in (output / CHECKPOINT_DIR).glob("*.ckpt") if p.name == LAST or p.name.startswith("step")]
+    if not found:
+        raise FileNotFoundError(f"--resume given but {output / CHECKPOINT_DIR} holds no checkpoint "
+                                f"({LAST} or step*.ckpt)")
+    newest = max(found, key=lambda p: p.stat().st_mtime_ns)
+    if newest.name != LAST:
+        log.warning("resuming from %s: it is newer than %s (the run stopped between the two writes)", newest, LAST)
+    return newest
+
+
 def train(cfg: Config, output: str | Path, resume: bool = False,
           callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Train from a validated config; `resume` continues from the output directory's last checkpoint."""
@@ -142,9 +159,9 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
         raise ConfigError("train.strategy: fsdp needs a GPU and this machine has none visible; "
                           "use train.strategy: ddp")
     last = output / CHECKPOINT_DIR / LAST
-    if resume and not last.is_file():
-        raise FileNotFoundError(f"--resume given but {last} does not exist")
-    if not resume and last.is_file():
+    if resume:
+        last = resume_checkpoint(output)
+    elif last.is_file():
         raise FileExistsError(f"{output} already holds a run ({last}); pass --resume to continue it "
                               "or choose another --output")
     output.mkdir(parents=True, exist_ok=True)
@@ -157,6 +174,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
         teacher_transform = module.teacher.train_transform(cfg.data)
     datamodule = RetrievalDataModule(cfg.data, tokenizer, cfg.model.text.max_length, cfg.train.batch_size,
                                      cfg.seed, teacher_transform=teacher_transform)
+    if resume:
+        datamodule.read_checkpoint(last)  # FSDP builds the train loader before it reads the checkpoint
     trainer = build_trainer(cfg, output, [*(callbacks or []), _RunEnd(output)])
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     summary = json.loads((output / SUMMARY).read_text())
