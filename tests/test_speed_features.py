@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -553,5 +554,6 @@ def _bench_module(script: str):
 
     spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", ROOT / "bench" / script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # so a worker pool can pickle its functions by name
     spec.loader.exec_module(module)
     return module
