@@ -7,6 +7,7 @@
 #   bash bench/gpu_suite.sh compile   # torch.compile twins of the unialign variants
 #   bash bench/gpu_suite.sh io        # COCO-5K-sized eval + input pipeline (CPU workers, nvJPEG)
 #   bash bench/gpu_suite.sh train     # `unialign train`, DDP then FSDP, killed once and resumed
+#   bash bench/gpu_suite.sh profile   # torch.profiler operator tables: online step, CLIP baseline
 #
 # Arguments after the part go to every benchmark it runs, not to pytest (`bash bench/gpu_suite.sh
 # io --small` checks the plumbing on any machine). Results go to $OUT (the device tool's folder)
@@ -69,5 +70,8 @@ case $part in
         run eval eval.py --workdir /tmp/ua_eval
         run data data.py --workdir /tmp/ua_data ;;
     train) run train_run train_run.py --workdir /tmp/ua_run ;;
-    *) echo "unknown part $part (first, compile, io, train)" >&2; exit 2 ;;
+    profile)  # where the step's time goes: torch.profiler tables of the online step and the CLIP baseline
+        run train_step_profile train_step.py --workdir "$work" --steps 5 --warmup 3 --profile "$out/profile" \
+            --variants unialign-bf16-online,clip-vit-b16-bert-base ;;
+    *) echo "unknown part $part (first, compile, io, train, profile)" >&2; exit 2 ;;
 esac

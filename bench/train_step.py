@@ -329,6 +329,25 @@ def analytic_flops(variant: str, batch: int, text_len: int, small: bool, clip_le
 # One variant
 
 
+def profile_steps(step: Any, device: torch.device, path: Path, steps: int = 3) -> list[dict[str, Any]]:
+    """torch.profiler over a few steps: the operator table (by device time) to ``path``; the top
+    ten operators with their share of the device time for the JSON."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step(i)
+        sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    return [{"op": e.key, "ms_per_step": round(getattr(e, key) / 1000 / steps, 3),
+             "share": round(getattr(e, key) / total, 4), "calls_per_step": e.count // steps} for e in events[:10]]
+
+
 def run_variant(name: str, args: argparse.Namespace, device: torch.device, workdir: Path) -> dict[str, Any]:
     small = args.small
     cuda = device.type == "cuda"
@@ -465,6 +484,10 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device, workd
     # MFU only means something on the accelerator whose peak is given.
     spec["mfu_vs_peak"] = round(spec["tflops_per_s"] / args.peak_tflops, 4) if cuda else None
 
+    if args.profile:
+        spec["profile_top_ops"] = profile_steps(lambda i: step(i, timed=False), device,
+                                                Path(f"{args.profile}.{name}.txt"))
+
     if teacher is not None and not spec["compiled"]:
         spec["teacher_images_per_s"] = teacher_throughput(teacher, normalizer(host[0]["image"]), device, amp_dtype,
                                                           args)
@@ -508,6 +531,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="peak for MFU (default: H100 SXM dense bf16, 989)")
     p.add_argument("--device", default=None)
     p.add_argument("--workdir", default=None, help="where configs and the synthetic cache go (default: a temp dir)")
+    p.add_argument("--profile", default=None, metavar="PREFIX", help="after the timed steps, profile 3 more "
+                   "(torch.profiler): operator table to PREFIX.VARIANT.txt, top ten in the JSON")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     small = args.small
