@@ -316,11 +316,18 @@ def test_kd_learnable_temperature_gets_gradient_and_is_clamped() -> None:
     assert kd.log_inv_temperature.grad is not None
     assert kd.log_inv_temperature.grad.abs() > 0
 
+    # Clamped as a parameter after the optimiser step (the training module calls this), not in the
+    # graph: past the cap the gradient still flows, so the temperature can come back.
     with torch.no_grad():
         kd.log_inv_temperature.fill_(10.0)
+    kd.zero_grad()
+    kd(s_img, s_txt, t).backward()
+    assert kd.log_inv_temperature.grad.abs() > 0
+    kd.clamp_temperature_()
     assert kd.logit_scale().item() == pytest.approx(100.0)
     with torch.no_grad():
         kd.log_inv_temperature.fill_(-3.0)
+    kd.clamp_temperature_()
     assert kd.logit_scale().item() == pytest.approx(1.0)
 
 

@@ -388,3 +388,42 @@ def test_ddp_resume_matches_uninterrupted_run(world, text_model_dir, teacher_che
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+class PushScale(Callback):
+    """Puts both ITC scale parameters past the cap before training; records them after each step."""
+
+    def __init__(self) -> None:
+        self.after: list[tuple[float, float]] = []
+        self.module = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.module = pl_module
+        with torch.no_grad():
+            pl_module.model.logit_scale.fill_(6.0)
+            pl_module.model.logit_scale_interm.fill_(-1.0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        m = pl_module.model
+        self.after.append((float(m.logit_scale), float(m.logit_scale_interm)))
+
+
+def test_logit_scale_past_the_cap_is_clamped_and_can_come_back(world, text_model_dir, teacher_checkpoint, tmp_path):
+    """The parameter itself is clamped after each optimiser step (the author's way): a clamp in the
+    graph would leave a parameter past ln 100 with a zero gradient, stuck there for good."""
+    from unialign.model.smke import LOGIT_SCALE_MAX
+
+    push = PushScale()
+    train(parse_config(_config(world, text_model_dir, teacher_checkpoint, max_steps=2)), tmp_path / "run",
+          callbacks=[push])
+    assert len(push.after) == 2
+    for main, interm in push.after:
+        assert 0 <= main <= LOGIT_SCALE_MAX + 1e-6 and 0 <= interm <= LOGIT_SCALE_MAX + 1e-6
+    model = push.module.model
+    with torch.no_grad():
+        model.logit_scale.fill_(6.0)
+    model.clamp_scales_()
+    assert float(model.logit_scale) == pytest.approx(LOGIT_SCALE_MAX)
+    model.zero_grad()
+    model.scales()[0].sum().backward()  # a loss that wants a smaller scale
+    assert float(model.logit_scale.grad) > 0  # so a step can bring it back below the cap

@@ -51,10 +51,15 @@ class ContrastiveDistillationLoss(nn.Module):
             self.register_buffer("log_inv_temperature", init, persistent=False)
 
     def logit_scale(self) -> Tensor:
-        """``1 / temperature``; a learnable one is clamped to ``[1, 100]`` for stability."""
-        if self.learnable_temperature:
-            return self.log_inv_temperature.clamp(0.0, _MAX_LOG_INV_TEMPERATURE).exp()
+        """``1 / temperature``; a learnable one stays in ``[1, 100]`` through `clamp_temperature_`."""
         return self.log_inv_temperature.exp()
+
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Clamp a learnable temperature's parameter after each optimiser step (not in the graph,
+        where a value past the cap would get a zero gradient for good)."""
+        if self.learnable_temperature:
+            self.log_inv_temperature.clamp_(0.0, _MAX_LOG_INV_TEMPERATURE)
 
     def forward(
         self,

@@ -169,9 +169,16 @@ class SMKE(nn.Module):
         return self.text_embeddings(tokens["input_ids"], tokens["attention_mask"]).embedding
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Contrastive logit scales, clamped to [0, ln 100] before exponentiation (CLIP's cap)."""
-        main = self.logit_scale.clamp(0, LOGIT_SCALE_MAX).exp()
-        interm = None
-        if self.logit_scale_interm is not None:
-            interm = self.logit_scale_interm.clamp(0, LOGIT_SCALE_MAX).exp()
-        return main, interm
+        """Contrastive logit scales (exponentiated); `clamp_scales_` keeps them in [1, 100]."""
+        interm = self.logit_scale_interm.exp() if self.logit_scale_interm is not None else None
+        return self.logit_scale.exp(), interm
+
+    @torch.no_grad()
+    def clamp_scales_(self) -> None:
+        """Clamp the raw scale parameters to [0, ln 100] (CLIP's cap), after each optimiser step.
+
+        As the author's code does: a clamp inside the graph instead would give a parameter past the
+        cap a zero gradient for good, so it could never come back down."""
+        for p in (self.logit_scale, self.logit_scale_interm):
+            if p is not None:
+                p.clamp_(0, LOGIT_SCALE_MAX)

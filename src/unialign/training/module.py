@@ -203,6 +203,12 @@ class SMKETraining(L.LightningModule):
                 f"({100 * self.samples_bad / self.samples_seen:.1f}%), more than data.max_bad_fraction={limit}; "
                 f"see bad_samples.rank*.tsv in the output directory")
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.model.clamp_scales_()
+        if isinstance(self.kd, ContrastiveDistillationLoss):
+            self.kd.clamp_temperature_()
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
         if self._last_step_time is not None:
