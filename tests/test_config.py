@@ -28,6 +28,9 @@ def test_paper_config_holds_the_recipe():
     cfg = load_config(REPO / "configs" / "paper.yaml", check_paths=False)
     assert (cfg.model.image.layers, cfg.model.text.layers, cfg.model.shared.depth) == (6, 6, 1)
     assert cfg.model.text.max_length == 64 and cfg.teacher.name.startswith("beitv2")
+    # the thesis's teacher view: its own crop, flip and colour jitter
+    assert cfg.teacher.view == "separate" and cfg.teacher.color_jitter == (0.4, 0.4, 0.4)
+    assert cfg.model.text.dropout == 0.0  # the author's BERT ran in eval mode
     assert cfg.loss.bank_size == 65536 and cfg.loss.kd == "contrastive" and cfg.loss.kd_temperature == 0.07
     t = cfg.train
     assert (t.epochs, t.batch_size, t.devices, t.base_lr, t.warmup_fraction) == (7, 256, 2, 1e-4, 0.1)

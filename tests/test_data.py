@@ -42,6 +42,7 @@ from unialign.data import (
     write_manifest,
     write_webdataset_shards,
 )
+from unialign.data.records import namespaced_id, read_source
 from unialign.data.synthetic import vocabulary
 
 SIZE = 32
@@ -311,10 +312,39 @@ def test_webdataset_single_source_reads_every_pair(world: Path, world_json: Path
     records = read_karpathy(world_json, world, ["train"]).records[:10]
     urls = write_webdataset_shards(records, tmp_path, 4, caption_in=caption_in)  # type: ignore[arg-type]
     assert urls.endswith("shard-{000000..000002}.tar")
-    ds = build_webdataset(WebDatasetSource(urls=urls, size=10), train_tf, seed=0, shuffle_buffer=0)
+    source = WebDatasetSource(urls=urls, size=10)
+    ds = build_webdataset(source, train_tf, seed=0, shuffle_buffer=0)
     samples = list(ds)
     assert len(samples) == len(ds) == 10
-    assert sorted((s["caption"], s["image_id"]) for s in samples) == sorted((r.caption, r.image_id) for r in records)
+    ns = source.namespace()
+    assert ns == tmp_path.name  # the shard folder
+    assert sorted((s["caption"], s["image_id"]) for s in samples) == \
+        sorted((r.caption, namespaced_id(ns, r.image_id)) for r in records)
+
+
+def test_image_ids_are_namespaced_by_source(world: Path, world_json: Path, train_tf: Any, tmp_path: Path) -> None:
+    """Two sources that both number their images from 0 must not share ids: same-image positives
+    (and the teacher cache) would otherwise pair unrelated images."""
+    from unialign.config import ManifestSource
+
+    records = read_karpathy(world_json, world, ["train"]).records[:6]
+    numbered = [Record(r.image, r.caption, i // 2) for i, r in enumerate(records)]  # ids 0, 0, 1, 1, 2, 2
+    ids = []
+    for name in ("cc3m", "cc12m"):
+        urls = write_webdataset_shards(numbered, tmp_path / name, 3)  # type: ignore[arg-type]
+        ids.append({s["image_id"] for s in build_webdataset(WebDatasetSource(urls=urls, size=6), train_tf, seed=0,
+                                                             shuffle_buffer=0)})
+    assert len(ids[0]) == len(ids[1]) == 3 and not ids[0] & ids[1]
+    a = write_manifest(numbered, tmp_path / "a.jsonl")
+    b = write_manifest(numbered, tmp_path / "b.jsonl")
+    ids_a = [r.image_id for r in read_source(ManifestSource(path=a)).records]
+    ids_b = [r.image_id for r in read_source(ManifestSource(path=b)).records]
+    assert ids_a[0] == ids_a[1] != ids_a[2] and not set(ids_a) & set(ids_b)  # grouping kept within a source
+    renamed = read_source(ManifestSource(path=b, id_namespace="a.jsonl")).records
+    assert [r.image_id for r in renamed] == ids_a  # the namespace, not the file, decides
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError, match="id namespace 'a.jsonl'"):
+        DataConfig(train=[ManifestSource(path=a), ManifestSource(path=tmp_path / "x" / "a.jsonl")])
 
 
 def test_webdataset_two_sources_mixed_with_corrupt_members(shards: dict[str, Any], world: Path, world_json: Path,
@@ -324,8 +354,8 @@ def test_webdataset_two_sources_mixed_with_corrupt_members(shards: dict[str, Any
     assert isinstance(ds, MixedIterableDataset) and len(ds) == 36
     batches = _collect(DataLoader(ds, batch_size=4, num_workers=2, collate_fn=Collator(tokenizer, 16)))
     assert len(batches) == 9
-    a_ids = {r.image_id for r in shards["a_records"]}
-    b_ids = {r.image_id for r in shards["b_records"]}
+    a_ids = {namespaced_id("a", r.image_id) for r in shards["a_records"]}  # namespaced by shard folder
+    b_ids = {namespaced_id("b", r.image_id) for r in shards["b_records"]}
     ids = [i for b in batches for i in b["image_id"].tolist()]
     assert set(ids) & a_ids and set(ids) & b_ids and set(ids) <= a_ids | b_ids
     reasons = [reason for b in batches for _, reason in b["skipped"]]

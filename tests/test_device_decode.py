@@ -23,6 +23,7 @@ from conftest import tiny_config_dict
 from unialign.config import ConfigError, DataConfig, ManifestSource, parse_config
 from unialign.data import Collator, RetrievalDataModule, build_image_transform, load_image
 from unialign.data.datasets import make_sample
+from unialign.data.records import namespaced_id
 from unialign.data import device_decode
 from unialign.data.device_decode import DeviceDecodePlan, DeviceDecoder
 from unialign.training.trainer import train
@@ -296,7 +297,8 @@ def test_teacher_cache_pass_decodes_on_the_device(tmp_path, text_model_dir, teac
                           for i in range(12)])
     with torch.no_grad():
         expected = teacher(normalize(pixels))
-    got = cache.lookup(torch.arange(12))
+    ids = torch.tensor([namespaced_id(manifest.name, i) for i in range(12)])
+    got = cache.lookup(ids)
     if torch.cuda.is_available():  # nvJPEG's IDCT and TF32 convolutions: close, not equal, to the CPU reference
         assert torch.nn.functional.cosine_similarity(got, expected).min() > 0.999
     else:
@@ -306,8 +308,8 @@ def test_teacher_cache_pass_decodes_on_the_device(tmp_path, text_model_dir, teac
     raw["data"]["decode"] = "host"
     host = TeacherCache.open(build_teacher_cache(parse_config(raw), tmp_path / "host", **kw))
     assert host.meta["decode"] == "host"
-    cosine = (host.lookup(torch.arange(12)) * cache.lookup(torch.arange(12))).sum(-1)
-    assert cosine.min() > 0.99 and not torch.equal(host.lookup(torch.arange(12)), cache.lookup(torch.arange(12)))
+    cosine = (host.lookup(ids) * cache.lookup(ids)).sum(-1)
+    assert cosine.min() > 0.99 and not torch.equal(host.lookup(ids), cache.lookup(ids))
 
     # An unfinished build is never continued with the other decoder (its parts would mix both).
     build_teacher_cache(parse_config(raw), tmp_path / "half", max_units=1, **kw)

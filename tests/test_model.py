@@ -133,6 +133,7 @@ def test_new_parts_init_and_logit_scale_clamp(text_model_dir):
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
         model.logit_scale_interm.fill_(-3.0)
+    model.clamp_scales_()  # what training does after each optimiser step
     main, interm = model.scales()
     assert math.isclose(main.item(), math.exp(LOGIT_SCALE_MAX), rel_tol=1e-5)
     assert math.isclose(interm.item(), 1.0)
@@ -237,3 +238,44 @@ def test_every_trained_parameter_gets_a_gradient(image_backend, kd, shared_depth
     missing = [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
     assert (module.model.kd_head is None) == (kd == "none")
+
+
+def test_teacher_view_with_colour_jitter(text_model_dir, teacher_checkpoint):
+    """The thesis's teacher view: its own crop/flip and a colour jitter; only with view: separate."""
+    from PIL import Image
+
+    from conftest import tiny_config_dict
+    from unialign.config import Config
+    from unialign.model.teacher import Teacher
+
+    raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [{"type": "manifest", "path": "unused.jsonl"}])
+    raw["data"]["train_scale"] = [1.0, 1.0]  # no crop and (tiny config) no flip: only the jitter varies
+    raw["teacher"]["color_jitter"] = [0.4, 0.4, 0.4]
+    with pytest.raises(ValueError, match="teacher.color_jitter needs teacher.view: separate"):
+        Config.model_validate(raw)
+    raw["teacher"]["view"] = "separate"
+    cfg = Config.model_validate(raw)
+    img = Image.new("RGB", (40, 40), (120, 80, 40))
+    jittered = Teacher(cfg.teacher).train_transform(cfg.data)
+    torch.manual_seed(0)
+    means = [float(jittered(img).mean()) for _ in range(8)]
+    assert max(means) - min(means) > 0.05  # brightness/contrast/saturation drawn per call
+    raw["teacher"]["color_jitter"] = None
+    cfg = Config.model_validate(raw)
+    plain = Teacher(cfg.teacher).train_transform(cfg.data)
+    assert len({round(float(plain(img).mean()), 6) for _ in range(4)}) == 1
+
+
+@pytest.mark.parametrize("dropout", [None, 0.0])
+def test_text_dropout_option(text_model_dir, dropout):
+    """`model.text.dropout` sets the tower's hidden and attention dropout (paper.yaml: 0.0, what the
+    author's BERT effectively ran with); None keeps the model's own (BERT: 0.1)."""
+    from unialign.model.towers import TextTower
+
+    tower = TextTower(str(text_model_dir), pretrained=True, layers=2, dropout=dropout).train()
+    cfg = tower.model.config
+    assert cfg.hidden_dropout_prob == cfg.attention_probs_dropout_prob == (0.1 if dropout is None else 0.0)
+    ids = torch.tensor([[2, 5, 6, 7, 3]])
+    a = tower.model(input_ids=ids).last_hidden_state
+    b = tower.model(input_ids=ids).last_hidden_state
+    assert torch.equal(a, b) == (dropout == 0.0)

@@ -23,7 +23,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import TINY_VIT, tiny_config_dict
-from unialign.config import parse_config
+from unialign.config import KarpathySource, parse_config
+from unialign.data.records import read_source
 from unialign.data import RetrievalDataModule, make_synthetic_karpathy, read_karpathy, write_webdataset_shards
 from unialign.model.factory import create_tokenizer
 from unialign.training.module import SMKETraining
@@ -48,6 +49,11 @@ def _raw(world: Path, text_model_dir: Path, teacher_checkpoint: Path, splits=("t
     raw["data"]["train_scale"] = [1.0, 1.0]  # with hflip false (conftest): the student sees the eval view
     raw["loss"]["bank_size"] = 12  # fills and wraps within a few steps of 8 pairs
     return raw
+
+
+def _records(world: Path, split: str = "train") -> list:
+    """The training records with the image ids training uses (namespaced by source)."""
+    return read_source(KarpathySource(path=world / "dataset_synthetic.json", images=world, splits=[split])).records
 
 
 def _with_cache(raw: dict, cache: Path) -> dict:
@@ -91,7 +97,7 @@ def _batches(cfg, n: int) -> list[dict]:
 def test_cache_files_and_metadata(cache_dir, world):
     ids = np.load(cache_dir / "image_ids.npy")
     targets = np.load(cache_dir / "targets.npy", mmap_mode="r")
-    train_ids = {r.image_id for r in read_karpathy(world / "dataset_synthetic.json", world, ["train"]).records}
+    train_ids = {r.image_id for r in _records(world)}
     assert ids.dtype == np.int64 and list(ids) == sorted(train_ids)  # one row per image, sorted for searchsorted
     assert targets.shape == (16, TINY_VIT["embed_dim"]) and targets.dtype == np.float32
     assert np.allclose(np.linalg.norm(targets, axis=1), 1, atol=1e-5)
@@ -143,7 +149,7 @@ def test_missing_image_is_a_clear_error(world, text_model_dir, teacher_checkpoin
     val_cfg = parse_config(_raw(world, text_model_dir, teacher_checkpoint, splits=("val",)))
     cache = build_teacher_cache(val_cfg, tmp_path / "val_cache", num_workers=0, progress=False)
     raw = _with_cache(_raw(world, text_model_dir, teacher_checkpoint, max_steps=1), cache)
-    train_id = read_karpathy(world / "dataset_synthetic.json", world, ["train"]).records[0].image_id
+    train_id = _records(world)[0].image_id
     opened = TeacherCache.open(cache, parse_config(raw))
     with pytest.raises(TeacherCacheError, match=rf"image id {train_id} is not in the teacher cache .*val_cache"):
         opened.lookup(torch.tensor([train_id]))
@@ -200,7 +206,9 @@ def test_cache_build_resumes_and_covers_shards(world, text_model_dir, teacher_ch
     records = read_karpathy(world / "dataset_synthetic.json", world, ["train"]).records
     urls = write_webdataset_shards(records, tmp_path / "shards", pairs_per_shard=10)
     raw = _raw(world, text_model_dir, teacher_checkpoint)
-    raw["data"]["train"].append({"type": "webdataset", "urls": urls, "size": len(records)})
+    # The shards hold the Karpathy images again under the same ids: one id namespace says so.
+    raw["data"]["train"].append({"type": "webdataset", "urls": urls, "size": len(records),
+                                 "id_namespace": "dataset_synthetic.json"})
     cfg = parse_config(raw)
     kw = {"dtype": "float16", "batch_size": 4, "num_workers": 0, "chunk_size": 5, "progress": False}
     # Karpathy: 16 images in 4 chunks; shards: 4 (same images again, ids from their .json).
@@ -214,7 +222,7 @@ def test_cache_build_resumes_and_covers_shards(world, text_model_dir, teacher_ch
     assert a.meta["count"] == 16 and a.meta["duplicate_ids_dropped"] == 16
     assert np.array_equal(a.ids, b.ids) and np.array_equal(np.asarray(a.targets), np.asarray(b.targets))
     assert a.targets.dtype == np.float16
-    a.check_records(records, "train")  # every image id training will ask for is there
+    a.check_records(_records(world), "train")  # every image id training will ask for is there
     # Shard samples map to the same image ids at training time.
     shard_only = copy.deepcopy(raw)
     shard_only["data"]["train"] = shard_only["data"]["train"][1:]

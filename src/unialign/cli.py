@@ -1,4 +1,4 @@
-"""Command line: `unialign train | eval | report | embed | demo | index | search | serve`."""
+"""Command line: `unialign train | eval | report | embed | demo | index | search | serve | convert`."""
 
 from __future__ import annotations
 
@@ -58,6 +58,21 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.output), quick=args.quick)
 
 
+def _convert_data2vec2(args: argparse.Namespace) -> None:
+    from .model.data2vec2 import DROPPED, convert_fairseq_checkpoint
+
+    try:
+        done = convert_fairseq_checkpoint(args.input, args.output, ema=args.ema, num_heads=args.num_heads,
+                                          trust_pickle=args.trust_pickle)
+    except ValueError as err:
+        raise SystemExit(f"unialign: error: {err}") from None
+    a = done.arch
+    print(f"wrote {args.output}: {a.depth} blocks ({done.prenet_depth} from the modality prenet), width "
+          f"{a.embed_dim}, {a.num_heads} heads, {a.img_size}px / patch {a.patch_size}")
+    for part, count in done.dropped.items():
+        print(f"  dropped {part}* ({count} tensors): {DROPPED[part]}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unialign", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -94,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for CI)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("convert", help="convert released weights to a file unialign loads")
+    convert_sub = p.add_subparsers(dest="format", required=True)
+    p = convert_sub.add_parser("data2vec2", help="fairseq Data2Vec 2.0 image checkpoint -> model.image.backend: "
+                                                 "data2vec2 checkpoint")
+    p.add_argument("input", help="fairseq checkpoint, e.g. base_imagenet.pt")
+    p.add_argument("output", help="converted file, for model.image.checkpoint")
+    p.add_argument("--ema", action="store_true", help="take the EMA teacher's weights instead of the student's")
+    p.add_argument("--num-heads", type=int, default=None, help="when the checkpoint has no cfg.model.num_heads")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle Python objects besides tensors (only for files from a source you trust)")
+    p.set_defaults(func=_convert_data2vec2)
 
     from .search.cli import register as register_search
 

@@ -8,7 +8,7 @@ error naming the key, never a silently ignored setting.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
 import yaml
@@ -33,15 +33,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ImageTowerConfig(_Strict):
     """Pretrained image model whose first blocks become the image encoder."""
 
-    backend: Literal["timm", "hf"] = "timm"
+    # data2vec2: fairseq's Data2Vec 2.0 image encoder (the paper's), from a file written by
+    # `unialign convert data2vec2`; `name` is not used for it.
+    backend: Literal["timm", "hf", "data2vec2"] = "timm"
     name: str = "vit_base_patch16_224"
     pretrained: bool = True
-    checkpoint: Path | None = None  # local weights file (timm) when the model is not on a hub
+    checkpoint: Path | None = None  # local weights file (timm; data2vec2: the converted file)
     layers: int | list[int] = 6  # first N blocks, or explicit block indices
     # Kept fixed during training: the patch embedding and the first N kept blocks, or "all" of the
     # tower (LiT's locked image tower). Frozen parts also run in eval mode (no dropout).
     freeze_layers: FreezeLayers = 0
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # extra timm.create_model / HF config args
+    # extra timm.create_model / HF config args; data2vec2: architecture fields for random weights
+    # (img_size, patch_size, embed_dim, depth, num_heads, ...)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _data2vec2_needs_weights(self) -> "ImageTowerConfig":
+        if self.backend == "data2vec2" and self.pretrained and self.checkpoint is None:
+            raise ValueError("checkpoint is required with backend data2vec2 and pretrained true: convert "
+                             "fairseq's weights with `unialign convert data2vec2 FAIRSEQ.pt OUT.pt`")
+        return self
 
     @field_validator("layers")
     @classmethod
@@ -64,6 +75,8 @@ class TextTowerConfig(_Strict):
     # What the shared block reads at the CLS position: the tower's CLS token (the paper), or the
     # masked mean of its tokens (what sentence encoders such as MiniLM were trained to give).
     pool: Literal["cls", "mean"] = "cls"
+    # Dropout inside the text tower (hidden and attention); None keeps the model's own (BERT: 0.1).
+    dropout: float | None = Field(None, ge=0, lt=1)
 
 
 class SharedConfig(_Strict):
@@ -97,6 +110,9 @@ class TeacherConfig(_Strict):
     block: int = -1  # which block's CLS is the target (-1: last)
     after_norm: bool = False  # paper: before the final LayerNorm
     view: Literal["same", "separate"] = "same"  # same pixels as the student, or its own augmentation
+    # With view: separate, a colour jitter (brightness, contrast, saturation) after the crop and flip,
+    # as the thesis's teacher view had (0.4, 0.4, 0.4).
+    color_jitter: tuple[float, float, float] | None = None
     # Precomputed targets (`unialign teacher-cache`): looked up by image id instead of running the
     # teacher. They are of the un-augmented (eval-resized) image, so they equal online targets only
     # when the teacher's view is un-augmented; otherwise an approximation (docs/PERFORMANCE.md).
@@ -115,14 +131,29 @@ class LossConfig(_Strict):
     kd_learnable_temperature: bool = False
 
 
-class KarpathySource(_Strict):
+class _Source(_Strict):
+    # Image ids are namespaced by source, so that two sources numbering their images from 0 do
+    # not make unrelated pairs each other's positives (or share a teacher-cache row). Default: the
+    # file's name, or the shard folder's name for webdataset sources.
+    id_namespace: str | None = None
+
+    def namespace(self) -> str:
+        if self.id_namespace:
+            return self.id_namespace
+        if isinstance(self, WebDatasetSource):
+            first = self.urls.split("::")[0]
+            return PurePosixPath(first).parent.name or first
+        return self.path.name  # type: ignore[attr-defined]
+
+
+class KarpathySource(_Source):
     type: Literal["karpathy"] = "karpathy"
     path: Path
     images: Path
     splits: list[str] = Field(default_factory=lambda: ["train", "restval"])
 
 
-class ManifestSource(_Strict):
+class ManifestSource(_Source):
     """JSONL or CSV with one (image, caption[, image_id]) row per pair."""
 
     type: Literal["manifest"] = "manifest"
@@ -133,7 +164,7 @@ class ManifestSource(_Strict):
     id_column: str = "image_id"
 
 
-class WebDatasetSource(_Strict):
+class WebDatasetSource(_Source):
     """Tar shards of image + caption (txt or json), brace-expanded URLs or paths."""
 
     type: Literal["webdataset"] = "webdataset"
@@ -174,6 +205,19 @@ class DataConfig(_Strict):
         if not 0 < v[0] <= v[1] <= 1:
             raise ValueError(f"needs 0 < min <= max <= 1, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _distinct_id_namespaces(self) -> "DataConfig":
+        seen: dict[str, int] = {}
+        for i, src in enumerate(self.train):
+            ns = src.namespace()
+            other = self.train[seen[ns]] if ns in seen else None
+            # a namespace given explicitly may be shared on purpose: the same images in two forms
+            if other is not None and other != src and not (src.id_namespace or other.id_namespace):
+                raise ValueError(f"train[{i}] and train[{seen[ns]}] both number their images in id namespace "
+                                 f"{ns!r}; give one of them its own id_namespace")
+            seen.setdefault(ns, i)
+        return self
 
     @model_validator(mode="after")
     def _device_decode_needs_uint8(self) -> "DataConfig":
@@ -235,6 +279,9 @@ class Config(_Strict):
             raise ValueError("loss.itc_interm needs model.shared.depth >= 1 (x_interm comes from the shared block)")
         if self.loss.kd != "none" and not self.teacher.enabled:
             raise ValueError(f"loss.kd is {self.loss.kd!r} but teacher.enabled is false; set loss.kd=none")
+        if self.teacher.color_jitter is not None and self.teacher.view != "separate":
+            raise ValueError("teacher.color_jitter needs teacher.view: separate (with view: same the teacher "
+                             "sees the student's pixels)")
         if self.data.decode == "device" and self.teacher.enabled and self.teacher.view == "separate":
             raise ValueError("data.decode: device decodes each image once, on the device, for the student's view; "
                              "teacher.view: separate needs data.decode: host")

@@ -25,7 +25,7 @@ from unialign.config import DataConfig, KarpathySource, ManifestSource, WebDatas
 from unialign.data.collate import Collator
 from unialign.data.datasets import MixedIterableDataset, PairDataset, Transform, build_train_dataset
 from unialign.data.device_decode import DeviceDecodePlan, DeviceDecoder
-from unialign.data.records import DataError, RecordSet, RetrievalSet, read_karpathy, read_manifest, retrieval_set
+from unialign.data.records import DataError, RecordSet, RetrievalSet, read_source, retrieval_set
 from unialign.data.sampler import ResumableSampler
 from unialign.data.transforms import PixelNormalizer, build_image_transform
 
@@ -79,13 +79,6 @@ class _TrainLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         return None
-
-
-def _read_source(source: KarpathySource | ManifestSource, karpathy_splits: list[str]) -> RecordSet:
-    if isinstance(source, KarpathySource):
-        return read_karpathy(source.path, source.images, karpathy_splits)
-    return read_manifest(source.path, source.images, source.image_column, source.caption_column,
-                         source.id_column)
 
 
 def _source_name(source: KarpathySource | ManifestSource | WebDatasetSource) -> str:
@@ -143,13 +136,13 @@ class RetrievalDataModule(LightningDataModule):
                 per_source.append({"type": "webdataset", "source": source.urls, "pairs": source.size,
                                    "skipped_empty": None})
                 continue
-            rs = _read_source(source, source.splits if isinstance(source, KarpathySource) else [])
+            rs = read_source(source)
             self.train_sources.append(rs)
             per_source.append({"type": source.type, "source": rs.source, "pairs": len(rs.records),
                                "skipped_empty": rs.skipped_empty})
         val = self.cfg.val
         if val is not None:
-            self.val_records = _read_source(val, [self.cfg.val_split])
+            self.val_records = read_source(val, [self.cfg.val_split])
             self.val_set = retrieval_set(self.val_records.records, self.val_records.skipped_empty)
         self.stats = {
             "train": per_source,

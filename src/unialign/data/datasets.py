@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from unialign.config import WebDatasetSource
 from unialign.data.device_decode import DeviceDecodePlan
 from unialign.data.images import ImageLoadError, load_image
-from unialign.data.records import DataError, Record, RecordSet, stable_id
+from unialign.data.records import DataError, Record, RecordSet, namespaced_id, stable_id
 from unialign.data.sampler import derive_seed
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ class ShardStream:
         self.size = source.size
         self.name = source.urls
         self.caption_key = source.caption_key
+        self.namespace = source.namespace()
         self.shuffle_buffer = shuffle_buffer
 
     def _order(self, rng: random.Random) -> list[str]:
@@ -224,7 +225,8 @@ class ShardStream:
         if not caption:
             return bad_marker(name, "no caption")
         raw_id = meta.get("image_id") if isinstance(meta, dict) else None
-        image_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else stable_id(name)
+        image_id = (namespaced_id(self.namespace, raw_id) if isinstance(raw_id, int) and not isinstance(raw_id, bool)
+                    else stable_id(name))
         return image, name, caption, image_id
 
 

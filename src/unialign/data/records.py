@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unialign.config import KarpathySource, ManifestSource
+
 log = logging.getLogger(__name__)
 
 _INT64_MASK = (1 << 63) - 1
@@ -252,3 +254,19 @@ def read_manifest(path: Path | str, image_root: Path | str | None = None, image_
     if skipped:
         log.warning("%s: skipped %d empty caption(s)", path, skipped)
     return RecordSet(records, skipped, str(path))
+
+
+def namespaced_id(namespace: str, image_id: int) -> int:
+    """A source's own image id, made unique across sources (see ``id_namespace`` in the config)."""
+    return stable_id(f"{namespace}\x1f{image_id}")
+
+
+def read_source(source: KarpathySource | ManifestSource, karpathy_splits: Sequence[str] | None = None) -> RecordSet:
+    """A map-style config source's records, image ids namespaced by the source."""
+    if isinstance(source, KarpathySource):
+        rs = read_karpathy(source.path, source.images, source.splits if karpathy_splits is None else karpathy_splits)
+    else:
+        rs = read_manifest(source.path, source.images, source.image_column, source.caption_column, source.id_column)
+    ns = source.namespace()
+    return RecordSet([Record(r.image, r.caption, namespaced_id(ns, r.image_id)) for r in rs.records],
+                     rs.skipped_empty, rs.source)

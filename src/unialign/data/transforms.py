@@ -12,7 +12,8 @@ INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": Interpolatio
 
 def build_image_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
                           scale: tuple[float, float] = (0.9, 1.0), interpolation: str = "bicubic",
-                          hflip: bool = True, normalize: bool = True) -> v2.Compose:
+                          hflip: bool = True, normalize: bool = True,
+                          color_jitter: tuple[float, float, float] | None = None) -> v2.Compose:
     """PIL image -> normalised float tensor (3, image_size, image_size).
 
     ``normalize=False`` stops at the uint8 tensor; :class:`PixelNormalizer` finishes the job
@@ -31,6 +32,9 @@ def build_image_transform(image_size: int, mean: Sequence[float], std: Sequence[
             v2.RandomResizedCrop(image_size, scale=scale, interpolation=mode, antialias=True)]
         if hflip:
             geometry.append(v2.RandomHorizontalFlip())
+        if color_jitter is not None:
+            brightness, contrast, saturation = color_jitter
+            geometry.append(v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation))
     else:
         geometry = [v2.Resize((image_size, image_size), interpolation=mode, antialias=True)]
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]

@@ -37,7 +37,7 @@ def create_student(cfg: Config, kd_dim: int | None, tower_meta: dict[str, Any] |
                               m.image.checkpoint if pretrained else None, m.image.layers, m.image.kwargs,
                               hf_config=(tower_meta or {}).get("image_hf_config"))
     text = TextTower(m.text.name, pretrained and m.text.pretrained, m.text.layers,
-                     hf_config=(tower_meta or {}).get("text_hf_config"))
+                     hf_config=(tower_meta or {}).get("text_hf_config"), dropout=m.text.dropout)
     model = SMKE(image, text, shared_depth=m.shared.depth, num_heads=m.shared.num_heads,
                  mlp_ratio=m.shared.mlp_ratio, layer_scale_init=m.shared.layer_scale_init,
                  token_type_scale_init=m.shared.token_type_scale_init, kd_dim=kd_dim,

@@ -3,19 +3,24 @@
 The method keeps only the lower blocks of a self-supervised image model and of BERT:
 they hold most of the transferable features at a fraction of the compute. Truncation
 reuses the pretrained block modules themselves, so kept weights are exactly the
-pretrained ones. Image backends are looked up in a registry (timm, Hugging Face).
+pretrained ones. Image backends are looked up in a registry (timm, Hugging Face, and
+fairseq's Data2Vec 2.0 in unialign's own implementation).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+from .data2vec2 import Data2Vec2Arch, Data2Vec2Encoder, load_converted
 
 
 def select_layers(total: int, layers: int | list[int], what: str) -> list[int]:
@@ -101,8 +106,9 @@ def truncate_hf_layers(model: nn.Module, layers: int | list[int], what: str) -> 
 class ImageTower(nn.Module):
     """A ViT-like image model returning its token sequence (CLS first) after the kept blocks.
 
-    `hf_config` is set only for Hugging Face backbones: unialign checkpoints store it so a
-    model can be rebuilt without the hub.
+    `hf_config` is the kept tower's architecture as a plain dict, for backends whose shape the
+    run config does not give (Hugging Face backbones, data2vec2): unialign checkpoints store it
+    so a model can be rebuilt without the hub or the original weights file.
     """
 
     width: int
@@ -178,7 +184,49 @@ class HFImageTower(ImageTower):
         return self.model(pixel_values=pixels).last_hidden_state
 
 
-IMAGE_BACKENDS: dict[str, Callable[..., ImageTower]] = {"timm": TimmImageTower, "hf": HFImageTower}
+class Data2Vec2ImageTower(ImageTower):
+    """`model.image.backend: data2vec2`: weights from a converted file (`checkpoint`), shape from
+    that file or, for random weights, from `kwargs` (fields of :class:`Data2Vec2Arch`).
+
+    `hf_config` carries the kept tower's architecture in unialign checkpoints (rebuilt as is)."""
+
+    def __init__(self, name: str, pretrained: bool, checkpoint: Path | None, layers: int | list[int] | None,
+                 kwargs: dict[str, Any], keep_final_norm: bool = False,
+                 hf_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        state: dict[str, torch.Tensor] | None = None
+        if hf_config is not None:
+            arch, layers = Data2Vec2Arch.from_dict(hf_config), None
+        elif checkpoint is not None:
+            arch, state = load_converted(checkpoint)
+            wanted = Data2Vec2Arch.from_dict(kwargs, "data2vec2 kwargs")
+            clash = {k: v for k, v in kwargs.items() if getattr(arch, k) != getattr(wanted, k)}
+            if clash:
+                raise ValueError(f"data2vec2 kwargs {clash} disagree with {checkpoint} ({asdict(arch)})")
+        elif pretrained:
+            raise ValueError("the data2vec2 image backend needs `checkpoint` when pretrained is true: a file "
+                             "written by `unialign convert data2vec2 FAIRSEQ.pt OUT.pt`")
+        else:
+            arch = Data2Vec2Arch.from_dict(kwargs, "data2vec2 kwargs")
+        model = Data2Vec2Encoder(arch)
+        if state is not None:
+            model.load_state_dict(state)
+        if layers is not None:
+            keep = select_layers(len(model.blocks), layers, "data2vec2 image model")
+            model.blocks = nn.ModuleList(model.blocks[i] for i in keep)
+        self.model = model
+        self.width = arch.embed_dim
+        self.num_blocks = len(model.blocks)
+        self.hf_config = asdict(replace(arch, depth=self.num_blocks))
+        self.data_config = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+                            "input_size": (arch.in_chans, arch.img_size, arch.img_size), "interpolation": "bicubic"}
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels)
+
+
+IMAGE_BACKENDS: dict[str, Callable[..., ImageTower]] = {"timm": TimmImageTower, "hf": HFImageTower,
+                                                        "data2vec2": Data2Vec2ImageTower}
 
 
 def build_image_tower(backend: str, name: str, pretrained: bool, checkpoint: Path | None = None,
@@ -186,21 +234,26 @@ def build_image_tower(backend: str, name: str, pretrained: bool, checkpoint: Pat
                       keep_final_norm: bool = False, hf_config: dict[str, Any] | None = None) -> ImageTower:
     if backend not in IMAGE_BACKENDS:
         raise ValueError(f"unknown image backend {backend!r}; choose one of {sorted(IMAGE_BACKENDS)}")
-    extra = {"hf_config": hf_config} if backend == "hf" else {}
+    extra = {"hf_config": hf_config} if backend in ("hf", "data2vec2") else {}
     return IMAGE_BACKENDS[backend](name, pretrained, checkpoint, layers, kwargs or {}, keep_final_norm, **extra)
 
 
 class TextTower(nn.Module):
     """A BERT-like encoder cut to its first N layers, pooler removed (the CLS token is used raw)."""
 
-    def __init__(self, name: str, pretrained: bool, layers: int, hf_config: dict[str, Any] | None = None) -> None:
+    def __init__(self, name: str, pretrained: bool, layers: int, hf_config: dict[str, Any] | None = None,
+                 dropout: float | None = None) -> None:
         super().__init__()
+        # BERT-style configs name their two dropouts so; `None` keeps the model's own.
+        overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
         if hf_config is not None:
-            model = _text_model_from_config(hf_config_from_dict(hf_config))
+            model = _text_model_from_config(hf_config_from_dict({**hf_config, **overrides}))
         elif pretrained:
-            model = _text_model_from_pretrained(name)
+            model = _text_model_from_pretrained(name, **overrides)
         else:
-            model = _text_model_from_config(AutoConfig.from_pretrained(name))
+            config = AutoConfig.from_pretrained(name)
+            config.update(overrides)
+            model = _text_model_from_config(config)
         if hf_config is None:
             truncate_hf_layers(model, layers, f"text model {name!r}")
         self.model = model
@@ -218,11 +271,11 @@ class TextTower(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
 
-def _text_model_from_pretrained(name: str) -> nn.Module:
+def _text_model_from_pretrained(name: str, **config_overrides: Any) -> nn.Module:
     try:
-        return AutoModel.from_pretrained(name, add_pooling_layer=False, attn_implementation="sdpa")
+        return AutoModel.from_pretrained(name, add_pooling_layer=False, attn_implementation="sdpa", **config_overrides)
     except TypeError:  # models without a pooler do not take the flag
-        return AutoModel.from_pretrained(name, attn_implementation="sdpa")
+        return AutoModel.from_pretrained(name, attn_implementation="sdpa", **config_overrides)
 
 
 def _text_model_from_config(config: PretrainedConfig) -> nn.Module:

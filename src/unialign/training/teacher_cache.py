@@ -258,7 +258,7 @@ class _Unit:
 
 def _plan(cfg: Config, chunk_size: int) -> list[_Unit]:
     """Deterministic units over every training source (map-style images deduplicated by id)."""
-    from ..data.records import read_karpathy, read_manifest
+    from ..data.records import read_source
 
     units: list[_Unit] = []
     for s, source in enumerate(cfg.data.train):
@@ -269,11 +269,7 @@ def _plan(cfg: Config, chunk_size: int) -> list[_Unit]:
             per_shard = max(1, source.size // max(1, len(urls)))
             units += [_Unit(f"s{s:02d}-shard{u:06d}", per_shard, url=url, source=source) for u, url in enumerate(urls)]
             continue
-        if isinstance(source, KarpathySource):
-            rs = read_karpathy(source.path, source.images, source.splits)
-        else:
-            rs = read_manifest(source.path, source.images, source.image_column, source.caption_column,
-                               source.id_column)
+        rs = read_source(source)
         seen: dict[int, str] = {}
         for rec in rs.records:
             seen.setdefault(rec.image_id, rec.image)
