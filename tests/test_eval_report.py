@@ -61,7 +61,7 @@ def test_report_tables(tmp_path: Path) -> None:
     assert report["files"]["plot"] is None or (tmp_path / "out" / "recall_at_k.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert len(saved["results"]) == 7 and "skipped" not in saved["results"][0] and "sweep" not in saved["results"][4]
-    assert saved["published"]["source"].startswith("shared/SPEC.md")
+    assert saved["published"]["source"].startswith("The paper's reported results (docs/METHOD.md")
 
 
 def test_plot_is_written(tmp_path: Path) -> None:

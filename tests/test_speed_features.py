@@ -237,17 +237,13 @@ def test_cache_build_resumes_and_covers_shards(world, text_model_dir, teacher_ch
 
 
 def test_cli_register(world, text_model_dir, teacher_checkpoint, tmp_path, capsys):
-    import argparse
-
     import yaml
 
-    from unialign.training import teacher_cache
+    from unialign.cli import build_parser
 
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(_raw(world, text_model_dir, teacher_checkpoint)))
-    parser = argparse.ArgumentParser()
-    teacher_cache.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["teacher-cache", "--config", str(config), "--output", str(tmp_path / "c"),
+    args = build_parser().parse_args(["teacher-cache", "--config", str(config), "--output", str(tmp_path / "c"),
                               "--num-workers", "0", "--no-progress", "--set", "seed=1"])
     args.func(args)
     assert "16 images x 64 (float16)" in capsys.readouterr().out

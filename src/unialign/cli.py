@@ -1,4 +1,6 @@
-"""Command line: `unialign train | eval | report | embed | demo | index | search | serve | convert`."""
+"""Command line: `unialign train | eval | report | embed | demo | index | search | serve | convert |
+teacher-cache`. Heavy libraries (torch, Lightning, transformers) are imported inside the commands, so
+`--help` and argument errors answer at once."""
 
 from __future__ import annotations
 
@@ -7,20 +9,21 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from .files import atomic_path, write_text_atomic
 
 
 def _train(args: argparse.Namespace) -> None:
     from .config import load_config
+
+    cfg = load_config(args.config, args.set)  # a bad config fails before torch and Lightning load
     from .training.trainer import train
 
-    cfg = load_config(args.config, args.set)
     train(cfg, args.output, resume=args.resume)
 
 
 def _embed(args: argparse.Namespace) -> None:
+    import numpy as np
+
     from .evaluation.encode import encode_images, encode_texts
     from .evaluation.run import default_device
     from .model.factory import load
@@ -71,6 +74,22 @@ def _convert_data2vec2(args: argparse.Namespace) -> None:
           f"{a.embed_dim}, {a.num_heads} heads, {a.img_size}px / patch {a.patch_size}")
     for part, count in done.dropped.items():
         print(f"  dropped {part}* ({count} tensors): {DROPPED[part]}")
+
+
+def _teacher_cache(args: argparse.Namespace) -> None:
+    import json
+
+    from .config import load_config
+    from .training.teacher_cache import META, build_teacher_cache
+
+    cfg = load_config(args.config, args.set)
+    out = build_teacher_cache(cfg, args.output, batch_size=args.batch_size, num_workers=args.num_workers,
+                              device=args.device, dtype=args.dtype, precision=args.precision,
+                              chunk_size=args.chunk_size, overwrite=args.overwrite, progress=not args.no_progress)
+    if (out / META).is_file():
+        meta = json.loads((out / META).read_text())
+        print(f"teacher cache {out}: {meta['count']} images x {meta['dim']} ({meta['dtype']}); "
+              f"train with --set teacher.cache={out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,9 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_search(sub)
 
-    from .training.teacher_cache import register as register_teacher_cache
-
-    register_teacher_cache(sub)
+    p = sub.add_parser(
+        "teacher-cache", help="precompute the frozen teacher's targets for the training images (teacher.cache)",
+        description="Run the config's frozen teacher once over the eval view (resize, no crop/flip) of every "
+                    "training image and write per-image targets for `teacher.cache`. Resumable: rerun the same "
+                    "command after an interruption. Cached targets equal online ones only when the teacher's "
+                    "online view is un-augmented (see docs/PERFORMANCE.md).")
+    p.add_argument("--config", required=True, help="the training config (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--output", required=True, help="cache directory (targets.npy, image_ids.npy, meta.json)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: data.num_workers)")
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage type of the targets")
+    p.add_argument("--precision", choices=["32", "bf16", "16"], default=None,
+                   help="teacher autocast (default: bf16 on CUDA, 32 on CPU)")
+    p.add_argument("--chunk-size", type=int, default=4096, help="images per resumable unit of a map-style source")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing or unfinished cache")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_teacher_cache)
     return parser
 
 

@@ -1,7 +1,7 @@
 """``data.decode: device``: JPEGs are decoded and augmented on the training device.
 
 A CPU core decodes and augments a few hundred 500x375 JPEGs per second, so a 16-core GPU
-host cannot feed the ~6,300 pairs/s of a one-hour SPEC run. Here the loader workers only
+host cannot feed the ~6,300 pairs/s of a one-hour run of the paper's recipe. Here the loader workers only
 read each JPEG's header and draw its crop and flip (seeded per sample, like the host path);
 the compressed bytes travel with the batch, and after the copy the whole batch is decoded
 at once by ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA) and cropped,

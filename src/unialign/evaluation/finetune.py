@@ -1,11 +1,11 @@
 """Fine-tuning a unialign checkpoint's encoders on labelled tasks (image classification, GLUE).
 
-The SPEC fixes the heads, not the recipes: images use the mean of the patch tokens of the
+The paper fixes the heads, not the recipes: images use the mean of the patch tokens of the
 shared block's output -> LayerNorm -> Linear; text uses the CLS token -> pooler
 (Linear + tanh) -> Linear (see `glue.py`). Both encoders run through the shared block, as
 in retrieval, because that block is part of what the method trains. The default recipes
 (`specs.FinetuneConfig`, `specs.GLUE_DEFAULTS`) are common ViT / BERT fine-tuning choices,
-documented in docs/EVALUATION.md, not the author's recipes, which the SPEC does not give.
+documented in docs/EVALUATION.md, not the author's recipes, which the paper does not give.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def _task(task: str) -> GlueTask:
 class TextClassifier(nn.Module):
     """Text tower (with segment ids for pairs) -> shared block -> CLS -> pooler (Linear + tanh) -> Linear.
 
-    The pooler is new: the towers are cut without BERT's pooler, as the SPEC prescribes.
+    The pooler is new: the towers are cut without BERT's pooler, as the paper prescribes.
     """
 
     def __init__(self, model: SMKE, num_labels: int, dropout: float = 0.1) -> None:

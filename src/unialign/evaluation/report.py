@@ -2,7 +2,7 @@
 
 Every eval writer puts `task`, `model` and `dataset` in its JSON; rows of a table are
 models, columns datasets, and the paper's numbers (shipped in `data/paper_results.json`,
-copied from the SPEC) follow as extra rows, so a reproduction can be read against the
+copied from the paper) follow as extra rows, so a reproduction can be read against the
 paper at a glance. A result evaluated on a gallery of another size than the paper's
 protocol (COCO 5K, Flickr30K 1K) is flagged, never silently compared.
 """
@@ -32,7 +32,7 @@ _BULKY = ("skipped", "history", "sweep")  # per-item lists: kept in the result f
 
 
 def published_results() -> dict[str, Any]:
-    """The paper's numbers (from the SPEC), as shipped with the package."""
+    """The paper's numbers (docs/METHOD.md), as shipped with the package."""
     path = resources.files("unialign.evaluation") / "data" / "paper_results.json"
     return json.loads(path.read_text(encoding="utf-8"))
 

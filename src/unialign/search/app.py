@@ -4,27 +4,39 @@ The server only ever opens files that are in the index, looked up by item id in 
 request parameter is ever used as a path. Uploads are capped in bytes and pixels and must
 decode as one of a few raster formats, so a client cannot make the server hold a huge body,
 decode a decompression bomb or run a risky PIL plugin (EPS, for one, shells out to Ghostscript).
+
+Memory: images (thumbnails and uploads) are decoded at reduced size (JPEG DCT scaling via
+``Image.draft``, then ``reduce``), never above a pixel cap, and at most
+``Limits.max_concurrent_decodes`` at a time; concurrent requests for one thumbnail wait for
+the first decode and reuse its cached result.
 """
 
-import functools
 import io
 import ipaddress
+import json
 import logging
+import math
 import os
 import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path as FilePath
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, File, HTTPException, Path, Query, UploadFile
-from fastapi.responses import FileResponse, Response
+from fastapi import FastAPI, File, HTTPException, Path, Query, Request, UploadFile
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..data.images import ImageLoadError, load_image
+from ..data.images import ImageLoadError
 from .query import Hit, Searcher
 
 log = logging.getLogger(__name__)
@@ -33,14 +45,61 @@ UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers around the uploaded file
 THUMB_SIZE = 256
 INT64_MAX = (1 << 63) - 1  # SQLite integers; a larger id would overflow the lookup
+THUMB_CACHE_SIZE = 2048  # thumbnails kept in memory (each a few KB of JPEG)
+ECHO_CHARS = 100  # a 422 body echoes at most this much of the offending input
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+_WHITE = (255, 255, 255, 255)
 
 
 @dataclass(frozen=True)
 class Limits:
     max_upload_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 40_000_000
+    max_pixels: int = 40_000_000  # an upload with more pixels (full size) is refused with 413
     max_query_chars: int = 512
     max_k: int = 100
+    query_image_pixels: int = 1024 * 1024  # an upload is reduced to at most this many pixels before the model
+    max_decode_pixels: int = 64_000_000  # no image is decoded at more pixels (after JPEG draft scaling) than this
+    max_concurrent_decodes: int = 2  # thumbnail and upload decodes running at once (others wait)
+
+
+class TooManyPixels(ValueError):
+    """An image whose smallest decodable size is still above the decode cap."""
+
+
+def decode_reduced(source: str | io.BytesIO, box: tuple[int, int], max_decode_pixels: int, label: str,
+                   formats: Sequence[str] | None = None) -> Image.Image:
+    """RGB image fitting in ``box`` (aspect kept; smaller images are not enlarged), decoded at
+    reduced size where the format allows it (JPEG: DCT scaling to 1/2, 1/4 or 1/8 via
+    ``Image.draft``) and never at more than ``max_decode_pixels``. Transparent pixels are
+    composited onto white, like `unialign.data.images.load_image`.
+
+    Raises TooManyPixels, ImageLoadError, or PIL's errors for a file PIL cannot open."""
+    with Image.open(source, formats=formats) as img:
+        width, height = img.size
+        scale = min(1.0, box[0] / width, box[1] / height)
+        target = (max(1, round(width * scale)), max(1, round(height * scale)))
+        if img.format == "JPEG" and scale < 1.0:
+            img.draft("RGB", target)  # the smallest DCT scale still at least `target`
+        if img.size[0] * img.size[1] > max_decode_pixels:
+            raise TooManyPixels(f"{label}: {width}x{height} pixels; decoding it needs {img.size[0]}x{img.size[1]}, "
+                                f"more than the {max_decode_pixels:,} pixels allowed")
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageLoadError(f"{label}: cannot decode image ({type(err).__name__}: {err})") from None
+        alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+        mode = "RGBA" if alpha else "RGB"
+        image = img if img.mode == mode else img.convert(mode)  # no full-size copy when already RGB
+        image.thumbnail(target, Image.Resampling.BICUBIC, reducing_gap=2.0)  # reduce(), then resample
+    if alpha:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, _WHITE), image).convert("RGB")
+    return image
+
+
+def upload_box(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The box an uploaded image is reduced into: at most ``max_pixels``, aspect ratio kept."""
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
 
 
 class Result(BaseModel):
@@ -106,22 +165,180 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """RGB image from uploaded bytes, or an HTTPException saying what is wrong with them."""
+class JSONErrors:
+    """Turns the plain-text error responses that Starlette's middleware sends on its own (413 from
+    the body limits, 400 from the Host check) into JSON ``{"detail": ...}`` like every other error.
+    Wraps the whole middleware stack, so it also sees the app-wide body limit's answer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def send_json(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                if message["status"] >= 400 and headers.get(b"content-type", b"").startswith(b"text/plain"):
+                    start = message  # hold it until the whole (short) text body is in
+                    return
+            elif message["type"] == "http.response.body" and start is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                text = b"".join(chunks).decode("utf-8", "replace")
+                limit = scope.get("starlette.max_body_size")
+                if start["status"] == 413 and limit is not None:
+                    text = f"request body larger than {limit:,} bytes"
+                body = json.dumps({"detail": text}).encode()
+                headers = [(k, v) for k, v in start.get("headers", [])
+                           if k.lower() not in (b"content-type", b"content-length")]
+                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                await send({**start, "headers": headers})
+                if scope.get("method") == "HEAD":
+                    body = b""
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        await self.app(scope, receive, send_json)
+
+
+class _App(FastAPI):
+    def build_middleware_stack(self) -> ASGIApp:
+        return JSONErrors(super().build_middleware_stack())
+
+
+def host_patterns(hosts: Iterable[str]) -> list[str]:
+    """Host header values to accept: each name as given, IPv6 addresses also in brackets
+    (``Host: [::1]:8000``); ``*`` accepts any host."""
+    patterns: list[str] = []
+    for host in hosts:
+        host = host.strip().lower()
+        if not host:
+            continue
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            forms = [bare, f"[{bare}]"] if ipaddress.ip_address(bare).version == 6 else [bare]
+        except ValueError:
+            forms = [host]
+        patterns += [f for f in forms if f not in patterns]
+    return patterns
+
+
+def served_hosts(host: str, extra: Iterable[str] = ()) -> list[str]:
+    """What `serve` accepts in the Host header: the loopback names, the bind address unless it is
+    a wildcard (0.0.0.0 / ::), and ``extra`` (``--allowed-host``)."""
+    wildcard = host in ("0.0.0.0", "::", "")
+    return host_patterns([*LOOPBACK_HOSTS, *([] if wildcard else [host]), *extra])
+
+
+def _short(value: object) -> object:
+    """An echoed request value, cut to ECHO_CHARS characters."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + f"... ({len(value):,} characters)"
+    encoded = jsonable_encoder(value)
+    text = json.dumps(encoded, ensure_ascii=False)
+    return encoded if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + f"... ({len(text):,} characters)"
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = []
+    for error in exc.errors():
+        error = dict(error)
+        if "input" in error:
+            error["input"] = _short(error["input"])
+        if "ctx" in error:
+            error["ctx"] = {k: _short(v) if isinstance(v, (str, bytes)) else v for k, v in error["ctx"].items()}
+        errors.append(error)
+    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
+class DecodeSlots:
+    """At most ``n`` image decodes at a time across the app (thumbnails and uploads)."""
+
+    def __init__(self, n: int) -> None:
+        self._sem = threading.BoundedSemaphore(max(1, n))
+
+    def __enter__(self) -> None:
+        self._sem.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._sem.release()
+
+
+class ThumbnailCache:
+    """LRU of JPEG thumbnails. One build per key at a time: concurrent callers for a key that is
+    being built wait for it and get the cached bytes instead of decoding the image again."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self._building: dict[tuple[str, int, int], list] = {}  # key -> [lock, waiters]
+
+    def get(self, key: tuple[str, int, int], build: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+            entry = self._building.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                with self._lock:
+                    if key in self._data:
+                        return self._data[key]
+                data = build()
+                with self._lock:
+                    self._data[key] = data
+                    while len(self._data) > self.size:
+                        self._data.popitem(last=False)
+                return data
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    self._building.pop(key, None)
+
+
+def decode_upload(data: bytes, name: str, max_pixels: int, limits: Limits | None = None,
+                  slots: DecodeSlots | None = None) -> Image.Image:
+    """RGB image from uploaded bytes, reduced to at most ``limits.query_image_pixels``, or an
+    HTTPException saying what is wrong with them."""
+    limits = limits or Limits(max_pixels=max_pixels)
     label = (name or "upload")[:200]
     if not data:
         raise HTTPException(400, f"{label}: the uploaded file is empty")
     try:
         with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as probe:
             width, height = probe.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise HTTPException(413, f"{label}: more pixels than PIL's decompression-bomb limit "
+                                 f"({2 * (Image.MAX_IMAGE_PIXELS or 0):,}), and more than the {max_pixels:,} allowed"
+                            ) from None
+    except (OSError, SyntaxError, ValueError):
         raise HTTPException(415, f"{label}: not an image in an accepted format ({', '.join(UPLOAD_FORMATS)})") from None
     if width * height > max_pixels:
         raise HTTPException(413, f"{label}: {width}x{height} pixels is more than the {max_pixels:,} allowed")
+    box = upload_box(width, height, limits.query_image_pixels)
     try:
-        return load_image(data, name=label)
+        with slots or DecodeSlots(1):
+            return decode_reduced(io.BytesIO(data), box, limits.max_decode_pixels, label, formats=UPLOAD_FORMATS)
+    except TooManyPixels as err:
+        raise HTTPException(413, str(err)) from None
     except ImageLoadError as err:
         raise HTTPException(400, str(err)) from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise HTTPException(400, f"{label}: cannot decode image ({type(err).__name__}: {err})") from None
 
 
 def _result(hit: Hit) -> Result:
@@ -129,18 +346,27 @@ def _result(hit: Hit) -> Result:
                   thumb_url=f"/api/thumb/{hit.id}")
 
 
-def create_app(searcher: Searcher, limits: Limits = Limits()) -> FastAPI:
-    """The API and page over an opened ``searcher`` (tests pass their own; `serve` builds one)."""
-    app = FastAPI(title="unialign search", version="1",
-                  description="Text-to-image, image-to-image and caption search over a unialign index.",
-                  max_body_size=64 * 1024)  # GET endpoints take no body; the upload route raises this
+def create_app(searcher: Searcher, limits: Limits = Limits(), allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+    """The API and page over an opened ``searcher`` (tests pass their own; `serve` builds one).
+
+    ``allowed_hosts``: Host header values answered (others get 400, against DNS rebinding); `serve`
+    always passes them (`served_hosts`). None means no Host check, for in-process use only."""
+    app = _App(title="unialign search", version="1",
+               description="Text-to-image, image-to-image and caption search over a unialign index.",
+               docs_url=None, redoc_url=None,  # Swagger UI / ReDoc load from a CDN: blank offline
+               max_body_size=64 * 1024)  # GET endpoints take no body; the upload route raises this
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(SecurityHeaders)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=host_patterns(allowed_hosts), www_redirect=False)
+    slots = DecodeSlots(limits.max_concurrent_decodes)
+    thumbs = ThumbnailCache(THUMB_CACHE_SIZE)
     static = resources.files("unialign.search") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
     K = Annotated[int, Query(ge=1, le=limits.max_k, description="number of results")]
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(str(static / "index.html"), media_type="text/html")
 
@@ -176,15 +402,13 @@ def create_app(searcher: Searcher, limits: Limits = Limits()) -> FastAPI:
         data = file.file.read(limits.max_upload_bytes + 1)
         if len(data) > limits.max_upload_bytes:
             raise HTTPException(413, f"{file.filename}: larger than {limits.max_upload_bytes:,} bytes")
-        image = decode_upload(data, file.filename or "upload", limits.max_pixels)
+        image = decode_upload(data, file.filename or "upload", limits.max_pixels, limits, slots)
         hits = searcher.search_image(image, k)
         return SearchResponse(mode="image", query=None, k=k, results=[_result(h) for h in hits])
 
-    @functools.lru_cache(maxsize=2048)
-    def thumbnail(path: str, mtime_ns: int, size: int) -> bytes:
-        # mtime and size are part of the key, so a replaced file is never served stale
-        image = load_image(path)
-        image.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    def thumbnail(path: str) -> bytes:
+        with slots:
+            image = decode_reduced(path, (THUMB_SIZE, THUMB_SIZE), limits.max_decode_pixels, os.path.basename(path))
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=85)
         return out.getvalue()
@@ -199,8 +423,11 @@ def create_app(searcher: Searcher, limits: Limits = Limits()) -> FastAPI:
             raise HTTPException(404, f"no indexed image has id {item_id}")
         try:
             st = os.stat(path)
-            data = thumbnail(path, st.st_mtime_ns, st.st_size)
-        except (OSError, ImageLoadError):
+            # mtime and size are part of the key, so a replaced file is never served stale
+            data = thumbs.get((path, st.st_mtime_ns, st.st_size), lambda: thumbnail(path))
+        except (TooManyPixels, Image.DecompressionBombError):
+            raise HTTPException(404, f"image {item_id} has too many pixels to make a thumbnail of") from None
+        except (OSError, SyntaxError, ValueError, ImageLoadError):
             raise HTTPException(404, f"the file of image {item_id} is no longer readable") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
@@ -218,15 +445,21 @@ def is_loopback(host: str) -> bool:
 
 def serve(index_dir: FilePath | str, host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = None,
           device: str | None = None, limits: Limits = Limits(), nprobe: int | None = None,
-          ef_search: int | None = None, log_level: str = "info") -> None:
-    """Open the index (failing before the socket opens if anything is wrong) and run uvicorn."""
+          ef_search: int | None = None, log_level: str = "info", allowed_hosts: Sequence[str] = ()) -> None:
+    """Open the index (failing before the socket opens if anything is wrong) and run uvicorn.
+
+    Requests are answered only when their Host header is a loopback name, ``host`` or one of
+    ``allowed_hosts`` (``*``: any)."""
     import uvicorn
 
+    hosts = served_hosts(host, allowed_hosts)
     if not is_loopback(host):
         banner = (f"WARNING: serving on {host}:{port}: every indexed image and the search API will be reachable, "
                   f"without authentication, by anyone who can connect to this address. Use --host 127.0.0.1 "
-                  f"unless this is intended.")
+                  f"unless this is intended. Requests are answered only for Host: {', '.join(hosts)} "
+                  f"(add the names clients use with --allowed-host).")
         print("\n" + "!" * 80 + f"\n{banner}\n" + "!" * 80 + "\n", file=sys.stderr, flush=True)
         log.warning(banner)
     searcher = Searcher(index_dir, checkpoint=checkpoint, device=device, nprobe=nprobe, ef_search=ef_search)
-    uvicorn.run(create_app(searcher, limits), host=host, port=port, log_level=log_level)
+    log.info("answering requests for Host: %s", ", ".join(hosts))
+    uvicorn.run(create_app(searcher, limits, allowed_hosts=hosts), host=host, port=port, log_level=log_level)

@@ -47,6 +47,8 @@ def _search(args: argparse.Namespace) -> None:
 
     if (args.query is None) == (args.image is None):
         raise SystemExit("unialign search: give either a text QUERY or --image PATH (not both)")
+    if args.query is not None and not args.query.strip():
+        raise SystemExit("unialign search: the text QUERY is empty (give some words, or --image PATH)")
     if args.image and args.captions:
         raise SystemExit("unialign search: --captions searches captions with a text QUERY, not with --image")
     if args.k < 1:
@@ -57,9 +59,9 @@ def _search(args: argparse.Namespace) -> None:
         if args.image:
             hits = searcher.search_image(load_image(args.image), args.k)
         elif args.captions:
-            hits = searcher.search_captions(args.query, args.k)
+            hits = searcher.search_captions(args.query.strip(), args.k)
         else:
-            hits = searcher.search_text(args.query, args.k)
+            hits = searcher.search_text(args.query.strip(), args.k)
     except (SearchIndexError, ImageLoadError) as err:
         raise _fail(err) from None
     if args.json:
@@ -92,7 +94,8 @@ def _serve(args: argparse.Namespace) -> None:
                     max_k=args.max_k)
     try:
         serve(args.index, host=args.host, port=args.port, checkpoint=args.checkpoint, device=args.device,
-              limits=limits, nprobe=args.nprobe, ef_search=args.ef_search)
+              limits=limits, nprobe=args.nprobe, ef_search=args.ef_search,
+              allowed_hosts=[h for group in args.allowed_host or [] for h in group.split(",") if h.strip()])
     except SearchIndexError as err:
         raise _fail(err) from None
 
@@ -150,6 +153,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; anything else is public)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allowed-host", action="append", metavar="HOST[,HOST...]",
+                   help="also answer requests whose Host header is HOST (repeatable; default: only localhost, "
+                        "127.0.0.1, ::1 and --host; '*' answers any host, which allows DNS rebinding)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted query image")
     p.add_argument("--max-query-chars", type=_positive_int, default=512)
     p.add_argument("--max-k", type=_positive_int, default=100)

@@ -36,7 +36,6 @@ place) and ``.parts`` is removed.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -523,40 +522,3 @@ def _assemble(output: Path, units: Sequence[_Unit], identity: dict[str, Any], dt
 
 # ---------------------------------------------------------------------------------------
 # Command line
-
-
-def _run(args: argparse.Namespace) -> None:
-    from ..config import load_config
-
-    cfg = load_config(args.config, args.set)
-    out = build_teacher_cache(cfg, args.output, batch_size=args.batch_size, num_workers=args.num_workers,
-                              device=args.device, dtype=args.dtype, precision=args.precision,
-                              chunk_size=args.chunk_size, overwrite=args.overwrite, progress=not args.no_progress)
-    if (out / META).is_file():
-        meta = json.loads((out / META).read_text())
-        print(f"teacher cache {out}: {meta['count']} images x {meta['dim']} ({meta['dtype']}); "
-              f"train with --set teacher.cache={out}")
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``teacher-cache`` to the ``unialign`` command's subparsers."""
-    p = subparsers.add_parser(
-        "teacher-cache", help="precompute the frozen teacher's targets for the training images (teacher.cache)",
-        description="Run the config's frozen teacher once over the eval view (resize, no crop/flip) of every "
-                    "training image and write per-image targets for `teacher.cache`. Resumable: rerun the same "
-                    "command after an interruption. Cached targets equal online ones only when the teacher's "
-                    "online view is un-augmented (see docs/PERFORMANCE.md).")
-    p.add_argument("--config", required=True, help="the training config (YAML)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    p.add_argument("--output", required=True, help="cache directory (targets.npy, image_ids.npy, meta.json)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: data.num_workers)")
-    p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float16", help="storage type of the targets")
-    p.add_argument("--precision", choices=sorted(_AUTOCAST), default=None,
-                   help="teacher autocast (default: bf16 on CUDA, 32 on CPU)")
-    p.add_argument("--chunk-size", type=int, default=4096, help="images per resumable unit of a map-style source")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing or unfinished cache")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run)
-    return p

@@ -1,0 +1,29 @@
+"""`unialign --help` and argument/config errors answer without importing torch or Lightning
+(seconds on a small machine): the command line imports them inside the commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import sys
+from unialign.cli import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+heavy = [m for m in ("torch", "lightning", "transformers", "timm", "numpy") if m in sys.modules]
+print("HEAVY", heavy)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["train", "--config", "missing.yaml",
+                                                                     "--output", "out"], ["eval", "--help"]])
+def test_cli_answers_without_heavy_imports(argv, tmp_path):
+    out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("HEAVY"))
+    assert line == "HEAVY []", (line, out.stderr[-500:])
