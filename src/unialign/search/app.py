@@ -15,12 +15,9 @@ import io
 import ipaddress
 import json
 import logging
-import math
 import os
 import sys
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path as FilePath
@@ -37,6 +34,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data.images import ImageLoadError
+from .images import DecodeSlots, ThumbnailCache, TooManyPixels, decode_reduced, upload_box
 from .query import Hit, Searcher
 
 log = logging.getLogger(__name__)
@@ -48,7 +46,6 @@ INT64_MAX = (1 << 63) - 1  # SQLite integers; a larger id would overflow the loo
 THUMB_CACHE_SIZE = 2048  # thumbnails kept in memory (each a few KB of JPEG)
 ECHO_CHARS = 100  # a 422 body echoes at most this much of the offending input
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-_WHITE = (255, 255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -60,46 +57,6 @@ class Limits:
     query_image_pixels: int = 1024 * 1024  # an upload is reduced to at most this many pixels before the model
     max_decode_pixels: int = 64_000_000  # no image is decoded at more pixels (after JPEG draft scaling) than this
     max_concurrent_decodes: int = 2  # thumbnail and upload decodes running at once (others wait)
-
-
-class TooManyPixels(ValueError):
-    """An image whose smallest decodable size is still above the decode cap."""
-
-
-def decode_reduced(source: str | io.BytesIO, box: tuple[int, int], max_decode_pixels: int, label: str,
-                   formats: Sequence[str] | None = None) -> Image.Image:
-    """RGB image fitting in ``box`` (aspect kept; smaller images are not enlarged), decoded at
-    reduced size where the format allows it (JPEG: DCT scaling to 1/2, 1/4 or 1/8 via
-    ``Image.draft``) and never at more than ``max_decode_pixels``. Transparent pixels are
-    composited onto white, like `unialign.data.images.load_image`.
-
-    Raises TooManyPixels, ImageLoadError, or PIL's errors for a file PIL cannot open."""
-    with Image.open(source, formats=formats) as img:
-        width, height = img.size
-        scale = min(1.0, box[0] / width, box[1] / height)
-        target = (max(1, round(width * scale)), max(1, round(height * scale)))
-        if img.format == "JPEG" and scale < 1.0:
-            img.draft("RGB", target)  # the smallest DCT scale still at least `target`
-        if img.size[0] * img.size[1] > max_decode_pixels:
-            raise TooManyPixels(f"{label}: {width}x{height} pixels; decoding it needs {img.size[0]}x{img.size[1]}, "
-                                f"more than the {max_decode_pixels:,} pixels allowed")
-        try:
-            img.load()
-        except (OSError, SyntaxError, ValueError) as err:
-            raise ImageLoadError(f"{label}: cannot decode image ({type(err).__name__}: {err})") from None
-        alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-        mode = "RGBA" if alpha else "RGB"
-        image = img if img.mode == mode else img.convert(mode)  # no full-size copy when already RGB
-        image.thumbnail(target, Image.Resampling.BICUBIC, reducing_gap=2.0)  # reduce(), then resample
-    if alpha:
-        image = Image.alpha_composite(Image.new("RGBA", image.size, _WHITE), image).convert("RGB")
-    return image
-
-
-def upload_box(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """The box an uploaded image is reduced into: at most ``max_pixels``, aspect ratio kept."""
-    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
-    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
 
 
 class Result(BaseModel):
@@ -260,54 +217,6 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             error["ctx"] = {k: _short(v) if isinstance(v, (str, bytes)) else v for k, v in error["ctx"].items()}
         errors.append(error)
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
-
-
-class DecodeSlots:
-    """At most ``n`` image decodes at a time across the app (thumbnails and uploads)."""
-
-    def __init__(self, n: int) -> None:
-        self._sem = threading.BoundedSemaphore(max(1, n))
-
-    def __enter__(self) -> None:
-        self._sem.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self._sem.release()
-
-
-class ThumbnailCache:
-    """LRU of JPEG thumbnails. One build per key at a time: concurrent callers for a key that is
-    being built wait for it and get the cached bytes instead of decoding the image again."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
-        self._lock = threading.Lock()
-        self._building: dict[tuple[str, int, int], list] = {}  # key -> [lock, waiters]
-
-    def get(self, key: tuple[str, int, int], build: Callable[[], bytes]) -> bytes:
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
-            entry = self._building.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            with entry[0]:
-                with self._lock:
-                    if key in self._data:
-                        return self._data[key]
-                data = build()
-                with self._lock:
-                    self._data[key] = data
-                    while len(self._data) > self.size:
-                        self._data.popitem(last=False)
-                return data
-        finally:
-            with self._lock:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    self._building.pop(key, None)
 
 
 def decode_upload(data: bytes, name: str, max_pixels: int, limits: Limits | None = None,
