@@ -27,3 +27,16 @@ def test_cli_answers_without_heavy_imports(argv, tmp_path):
                          cwd=tmp_path, timeout=120)
     line = next(x for x in out.stdout.splitlines() if x.startswith("HEAVY"))
     assert line == "HEAVY []", (line, out.stderr[-500:])
+
+
+def test_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
+    """The command line prints the checkpoint reader's one-line error, not a traceback."""
+    from unialign.cli import main
+
+    bad = tmp_path / "model.ckpt"
+    bad.write_text("not a checkpoint\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["embed", "--checkpoint", str(bad), "--texts", str(bad), "--output", str(tmp_path / "e.npy")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unialign: error:") and str(bad) in err[0], err

@@ -171,13 +171,23 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .config import ConfigError
-
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+    except _user_errors() as err:  # evaluated only when something was raised
         print(f"unialign: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the input's or the machine's, not a bug: one line, no traceback."""
+    from .config import ConfigError
+    from .files import WriteError
+
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, FileExistsError, WriteError]
+    factory = sys.modules.get("unialign.model.factory")  # imported by the commands that read checkpoints
+    if factory is not None:
+        errors.append(factory.CheckpointError)
+    return tuple(errors)
 
 
 if __name__ == "__main__":

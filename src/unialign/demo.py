@@ -405,7 +405,7 @@ def train_or_reuse(cfg: Config, run_dir: Path, callbacks: list[L.Callback]) -> t
     last.ckpt). After a finished run only the weights-only
     final.ckpt is kept: the full-state last.ckpt (optimizer included) is three times its size.
     """
-    from .training.trainer import CHECKPOINT_DIR, FINAL, LAST, train
+    from .training.trainer import CHECKPOINT_DIR, FINAL, LAST, resume_checkpoint, run_files, train
 
     config_file = run_dir / "config.yaml"
     if config_file.is_file():
@@ -414,7 +414,12 @@ def train_or_reuse(cfg: Config, run_dir: Path, callbacks: list[L.Callback]) -> t
         summary_file = run_dir / "summary.json"
         if summary_file.is_file() and (run_dir / CHECKPOINT_DIR / FINAL).is_file():
             return json.loads(summary_file.read_text()), True
-    resume = (run_dir / CHECKPOINT_DIR / LAST).is_file()
+    try:
+        resume = resume_checkpoint(run_dir).is_file()
+    except FileNotFoundError:
+        resume = False
+        for name in run_files(run_dir):  # what an unfinished run of this config left: it is trained again
+            (run_dir / name).unlink()
     summary = train(cfg, run_dir, resume=resume, callbacks=callbacks)
     (run_dir / CHECKPOINT_DIR / LAST).unlink(missing_ok=True)
     return summary, False

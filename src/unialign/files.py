@@ -7,6 +7,7 @@ same folder and renamed onto the final name only when the writer finished withou
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -24,6 +25,46 @@ def _read_umask() -> int:
 
 UMASK = _read_umask()  # read once: os.umask can only be read by setting it, which is not thread-safe
 
+# Errors of the storage rather than of the program: the user must free space or fix permissions, so
+# they get one line naming the file instead of a traceback through torch.save or Lightning.
+_STORAGE_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+}
+
+
+class WriteError(OSError):
+    """A file could not be written because of its storage (full, read-only, no permission).
+
+    An ``OSError`` with the original ``errno``, so callers that handle ``OSError`` still do; its
+    message is one line naming the file and the cause."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def storage_error(err: OSError, path: str | Path) -> WriteError | None:
+    """The :class:`WriteError` for a full / read-only / forbidden `path`, or None for other errors.
+
+    ``torch.save`` wraps a failed write in a ``RuntimeError`` whose ``__cause__`` or
+    ``__context__`` is the ``OSError``: both are looked at."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, WriteError):
+            return seen
+        if isinstance(seen, OSError) and seen.errno in _STORAGE_ERRORS:
+            reason = _STORAGE_ERRORS[seen.errno]
+            return WriteError(seen.errno, f"cannot write {path}: {reason} ({seen.strerror or seen})")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
 
 @contextmanager
 def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
@@ -35,10 +76,20 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
     (``savefig(tmp, format="png")``, ``np.save`` to an open file). ``fsync`` flushes the data to
     disk before the rename, for files that must also survive a power loss. The file gets the
     permissions a plain ``open()`` would have given it.
+
+    A full disk, a read-only folder or a missing permission raises :class:`WriteError` (one line
+    naming ``path`` and the cause); a killed process can still leave the temporary file, which
+    :func:`remove_stale_temp_files` clears.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        clear = storage_error(err, path)
+        if clear is None:
+            raise
+        raise clear from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -48,9 +99,33 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        clear = storage_error(err, path) if isinstance(err, Exception) else None
+        if clear is not None and clear is not err:
+            raise clear from None
         raise
+
+
+def temp_files(folder: str | Path) -> list[Path]:
+    """Temporary files :func:`atomic_path` leaves in `folder` when its process is killed mid-write."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob(".*.tmp") if p.is_file()) if folder.is_dir() else []
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the leftovers of killed writes in `folder` (a checkpoint's can be gigabytes).
+
+    Only call it when no writer of that folder runs (e.g. before a run starts or resumes): a
+    live writer's temporary file has the same name shape."""
+    removed = []
+    for tmp in temp_files(folder):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -21,10 +21,12 @@ def _friendly(handler: Callable[[argparse.Namespace], None]) -> Callable[[argpar
     """Bad input (a dataset layout, a field, a model spec) ends with its message, not a traceback."""
     def run(args: argparse.Namespace) -> None:
         from ..data.records import DataError  # here, not at the top: the data package imports Lightning
+        from ..files import WriteError
+        from ..model.factory import CheckpointError
 
         try:
             handler(args)
-        except (EvalError, DataError) as err:
+        except (EvalError, DataError, CheckpointError, WriteError) as err:
             print(f"unialign: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 
@@ -42,7 +44,17 @@ def _finish(result: dict[str, Any], args: argparse.Namespace, keys: tuple[str, .
     print("| " + " | ".join(f"{result[k]:.2f}" for k in shown) + " |")
     if result.get("images_skipped"):
         print(f"{result['images_skipped']} unreadable image(s) skipped; listed in {args.output}")
+    if result.get("images_missing"):
+        print(f"scored {result['n_images']} images and {result['n_captions']} captions; "
+              f"{result['images_missing']} image(s) and {result.get('captions_missing', 0)} caption(s) missing")
     print(f"wrote {args.output}")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
+    return value
 
 
 def _common(p: argparse.ArgumentParser, model_flag: bool = True, batch_flag: bool = True) -> None:
@@ -78,7 +90,8 @@ def _retrieval(args: argparse.Namespace) -> None:
 
     model = load_eval_model(args.model or args.checkpoint, args.device)
     result = evaluate_retrieval_model(model, args.karpathy, args.manifest, args.images, args.split,
-                                      args.dataset_name, args.batch_size, args.num_workers, args.progress)
+                                      args.dataset_name, args.batch_size, args.num_workers, args.progress,
+                                      args.max_missing_fraction)
     if args.checkpoint:
         result["checkpoint"] = str(args.checkpoint)
     _finish(result, args, ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"))
@@ -96,6 +109,9 @@ def register_retrieval(eval_subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--images", help="image root (required with --karpathy; default for a manifest: its folder)")
     r.add_argument("--split", default="test", help="Karpathy split")
     r.add_argument("--dataset-name", help="name in results/reports (default: coco / flickr30k / file stem)")
+    r.add_argument("--max-missing-fraction", type=_fraction, default=0.01,
+                   help="fail when more of the test images than this are missing or unreadable (default 0.01); "
+                        "a smaller gallery scores higher than the benchmark's")
     _common(r, model_flag=False)
     r.set_defaults(func=_retrieval)
 

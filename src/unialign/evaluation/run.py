@@ -31,13 +31,35 @@ def retrieval_dataset_name(path: str | Path) -> str:
     return re.sub(r"^dataset_", "", stem)
 
 
+DEFAULT_MAX_MISSING_FRACTION = 0.01
+
+
+def check_missing(n_missing: int, n_total: int, skipped: list[tuple[str, str]], where: str,
+                  max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION) -> None:
+    """Refuse a gallery with more than `max_missing_fraction` of its images missing or unreadable:
+    recall on the rest is not the benchmark's number (a smaller gallery scores higher)."""
+    if n_total and n_missing > max_missing_fraction * n_total:
+        path, reason = skipped[0] if skipped else ("?", "?")
+        raise EvalError(f"{n_missing} of {n_total} images of {where} ({100 * n_missing / n_total:.1f}%) are missing "
+                        f"or unreadable, more than --max-missing-fraction={max_missing_fraction:g} "
+                        f"(e.g. {path}: {reason}); check --images, or raise --max-missing-fraction to score "
+                        f"the rest")
+
+
 def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, where: str, batch_size: int = 64,
-                           num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Recall@K both ways for one gallery (`where` names it in errors); unreadable images are dropped
-    with their captions and counted."""
+                           num_workers: int = 0, progress: bool = True,
+                           max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION) -> dict[str, Any]:
+    """Recall@K both ways for one gallery (`where` names it in errors).
+
+    Unreadable or missing images are dropped with their captions and counted; more of them than
+    `max_missing_fraction` of the gallery is an :class:`EvalError`. The result states what was
+    scored (``n_images``, ``n_captions``) and what was missing (``images_missing``,
+    ``captions_missing``, ``skipped``)."""
     image_emb, kept, skipped = model.encode_images(data.images, batch_size, num_workers, progress)
     if not kept:
-        raise EvalError(f"no readable image in {where}")
+        raise EvalError(f"no readable image in {where}" + (f" (e.g. {skipped[0][0]}: {skipped[0][1]})"
+                                                            if skipped else ""))
+    check_missing(len(data.images) - len(kept), len(data.images), skipped, where, max_missing_fraction)
     new_index = {old: new for new, old in enumerate(kept)}
     captions = [(c, new_index[i]) for c, i in zip(data.captions, data.caption_to_image) if i in new_index]
     text_emb = model.encode_texts([c for c, _ in captions], progress=progress)
@@ -46,8 +68,11 @@ def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, w
     return {
         **result_header("retrieval", model.name, dataset),
         **metrics,
-        "n_images": len(kept),
+        "n_images": len(kept),  # scored
         "n_captions": len(captions),
+        "images_missing": len(data.images) - len(kept),
+        "captions_missing": len(data.captions) - len(captions),
+        "max_missing_fraction": max_missing_fraction,
         "images_skipped": len(skipped),
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
     }
@@ -55,22 +80,27 @@ def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, w
 
 def evaluate_retrieval(checkpoint: str | Path, karpathy: str | Path, images: str | Path, split: str = "test",
                        batch_size: int = 64, num_workers: int = 0, device: str | None = None,
-                       progress: bool = True) -> dict[str, Any]:
-    """Recall@K both ways; unreadable images are dropped with their captions and counted."""
+                       progress: bool = True,
+                       max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION) -> dict[str, Any]:
+    """Recall@K both ways; unreadable images are dropped with their captions and counted (more
+    than `max_missing_fraction` of them is an error)."""
     from .models import UnialignEvalModel
 
     model = UnialignEvalModel(checkpoint, torch.device(device or default_device()))
     data = read_karpathy_eval(karpathy, images, split)
     result = evaluate_retrieval_set(model, data, retrieval_dataset_name(karpathy), f"split {split!r} of {karpathy}",
-                                    batch_size, num_workers, progress)
+                                    batch_size, num_workers, progress, max_missing_fraction)
     return {**result, "split": split, "checkpoint": str(checkpoint)}
 
 
 def evaluate_retrieval_model(model: EvalModel, karpathy: str | Path | None = None,
                              manifest: str | Path | None = None, images: str | Path | None = None,
                              split: str = "test", dataset_name: str | None = None, batch_size: int = 64,
-                             num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
+                             num_workers: int = 0, progress: bool = True,
+                             max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION) -> dict[str, Any]:
     """Retrieval on a Karpathy split or on a whole JSONL/CSV manifest (captions grouped by `image_id`).
+
+    More than `max_missing_fraction` of the gallery's images missing or unreadable is an error.
 
     A manifest row without `image_id` is grouped by its image path, so several captions of
     one file form one gallery image.
@@ -88,7 +118,7 @@ def evaluate_retrieval_model(model: EvalModel, karpathy: str | Path | None = Non
         data, source, used_split = retrieval_set(rs.records, rs.skipped_empty), manifest, None
         where = str(manifest)
     result = evaluate_retrieval_set(model, data, dataset_name or retrieval_dataset_name(source), where, batch_size,
-                                    num_workers, progress)
+                                    num_workers, progress, max_missing_fraction)
     return {**result, "split": used_split, "source": str(source)}
 
 

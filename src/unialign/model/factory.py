@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,12 +79,75 @@ def eval_transform(cfg: Config) -> Callable:
     return build_image_transform(d.image_size, d.mean, d.std, train=False, interpolation=d.interpolation)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (empty, truncated, not a checkpoint); the message is
+    one line naming the file and the cause."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive (since PyTorch 1.6)
+
+
+def checkpoint_damage(path: str | Path) -> str | None:
+    """Why `path` cannot be a readable ``torch.save`` file, or None when it looks whole.
+
+    Cheap (the first bytes and the zip directory at the end, no tensor data), so a resume can
+    check a multi-gigabyte checkpoint before it starts building the run. A file in PyTorch's
+    legacy (pre-zip) format is not judged here: only loading it tells."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes; a write or copy that never finished?)"
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(_ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):  # the zip directory sits at the end: a cut file has none
+            return f"the file is truncated ({size} bytes, its end is missing; an interrupted write or copy?)"
+        return None
+    if head[:1] == b"\x80":  # a legacy pickle-format torch.save file
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"not a PyTorch checkpoint (starts with bytes {head[:8]!r})"
+    return f"not a PyTorch checkpoint but a text file (starts with {text.splitlines()[0][:40]!r})" if text.strip() \
+        else "not a PyTorch checkpoint (it starts with blank text)"
+
+
+def unreadable_checkpoint(path: str | Path, err: BaseException) -> CheckpointError:
+    """The one-line error for a checkpoint that ``torch.load`` failed on with `err`."""
+    cause = checkpoint_damage(path)
+    if cause is None:
+        first = (str(err).strip().splitlines() or [""])[0]
+        cause = f"damaged or not a PyTorch checkpoint ({type(err).__name__}: {first[:200]})"
+    return CheckpointError(f"cannot read checkpoint {path}: {cause}")
+
+
+# What torch.load raises on a damaged file: EOFError (empty), KeyError / IndexError /
+# UnpicklingError (text or garbage read as a legacy pickle), RuntimeError (a cut zip archive).
+LOAD_ERRORS = (EOFError, KeyError, IndexError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def load_checkpoint_file(path: str | Path, **kwargs: Any) -> Any:
+    """``torch.load(path, map_location="cpu", **kwargs)`` with a missing or damaged file reported in
+    one line (:class:`FileNotFoundError` / :class:`CheckpointError`) instead of a deep traceback."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no code runs from a checkpoint
-    if "unialign" not in ckpt or "state_dict" not in ckpt:
+    cause = checkpoint_damage(path)
+    if cause is not None:
+        raise CheckpointError(f"cannot read checkpoint {path}: {cause}")
+    try:
+        return torch.load(path, map_location="cpu", **kwargs)
+    except MemoryError:
+        raise
+    except LOAD_ERRORS as err:
+        raise unreadable_checkpoint(path, err) from None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    ckpt = load_checkpoint_file(path, weights_only=True)  # no code runs from a checkpoint
+    if not isinstance(ckpt, dict) or "unialign" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a unialign training checkpoint (no 'unialign' metadata)")
     return upgrade_checkpoint(ckpt)
 

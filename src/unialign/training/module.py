@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 from ..config import Config
 from ..data.sampler import derive_seed
 from ..evaluation import retrieval_metrics
+from ..files import storage_error
 from ..losses import ContrastiveDistillationLoss, ContrastiveLoss, MSEDistillationLoss
 from ..model.factory import create_student, read_checkpoint, student_state_dict, tower_meta, upgrade_checkpoint
 from ..model.teacher import Teacher
@@ -35,6 +36,24 @@ FSDP_WRAPPED = "_fsdp_wrapped_module."  # what FSDP inserts into the names of th
 DROPOUT_STREAM = 7  # tags the per-rank dropout seed: derive_seed(seed, DROPOUT_STREAM, rank)
 # Device types with a fused AdamW kernel in torch (>= 2.4 for CPU).
 FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps")
+
+
+BAD_FRACTION_Z = 4.0  # one-sided normal quantile of the bad-sample guard: P(Z > 4) = 3.2e-5
+BAD_FRACTION_CONFIDENCE = "99.997%"
+
+
+def bad_fraction_lower_bound(bad: int, seen: int, z: float = BAD_FRACTION_Z) -> float:
+    """Wilson score lower confidence bound of a fraction from `bad` of `seen` samples.
+
+    Unlike the normal approximation it is well behaved for small counts and fractions near 0
+    or 1: 0 when nothing is bad, above 0 as soon as one sample is, below bad/seen always."""
+    if seen <= 0 or bad <= 0:
+        return 0.0
+    p = bad / seen
+    z2 = z * z
+    centre = p + z2 / (2 * seen)
+    spread = z * math.sqrt(p * (1 - p) / seen + z2 / (4 * seen * seen))
+    return max(0.0, (centre - spread) / (1 + z2 / seen))
 
 
 class BadDataError(RuntimeError):
@@ -184,23 +203,40 @@ class SMKETraining(L.LightningModule):
         return out["loss"]
 
     def _account_bad_samples(self, batch: dict[str, Any]) -> None:
-        """Unreadable samples are skipped, counted, listed; too many of them stop the run."""
+        """Unreadable samples are skipped, counted, listed; too many of them stop the run.
+
+        "Too many" is judged with a one-sided confidence bound, not the raw fraction: the run
+        stops once the Wilson score lower bound (z = 4, about 99.997% one-sided) of the bad
+        fraction exceeds ``data.max_bad_fraction``. A few bad samples among the first hundreds
+        say little (3 of 256 is 1.2% but fits a 0.1%-bad data set), so they no longer stop a run
+        whose data is good; mostly bad data still stops within the first batches (5 of 8 bad
+        gives a bound of 13.8%, 32 of 64 one of 27.6%); and over a long run the bound closes in on
+        the true fraction, so data just above the limit is stopped once that is clear. With
+        ``max_bad_fraction: 0`` any bad sample stops the run (its bound is above 0)."""
         n_bad = int(batch.get("n_skipped", 0))
         self.samples_seen += int(batch["size"]) + n_bad
         self.samples_bad += n_bad
         if n_bad and self.output_dir is not None:
-            with open(self.output_dir / f"bad_samples.rank{self.global_rank}.tsv", "a") as f:
-                for path, reason in batch.get("skipped", []):
-                    f.write(f"{path}\t{reason}\n")
+            listing = self.output_dir / f"bad_samples.rank{self.global_rank}.tsv"
+            try:
+                with open(listing, "a") as f:
+                    for path, reason in batch.get("skipped", []):
+                        f.write(f"{path}\t{reason}\n")
+            except OSError as err:
+                clear = storage_error(err, listing)  # a full disk: one line naming the file
+                if clear is None:
+                    raise
+                raise clear from None
         # A CPU tensor: a Python number would be copied to the device by self.log, a host sync per step.
         self.log("data/bad_samples", torch.tensor(float(self.samples_bad)), on_step=True, on_epoch=False,
                  reduce_fx="sum")
         limit = self.cfg.data.max_bad_fraction
-        min_seen = self.cfg.train.batch_size
-        if self.samples_seen >= min_seen and self.samples_bad > limit * self.samples_seen:
+        lower = bad_fraction_lower_bound(self.samples_bad, self.samples_seen)
+        if lower > limit:
             raise BadDataError(
                 f"{self.samples_bad} of {self.samples_seen} training samples were unreadable "
-                f"({100 * self.samples_bad / self.samples_seen:.1f}%), more than data.max_bad_fraction={limit}; "
+                f"({100 * self.samples_bad / self.samples_seen:.1f}%; with {BAD_FRACTION_CONFIDENCE} confidence "
+                f"at least {100 * lower:.1f}% of the data is), more than data.max_bad_fraction={limit}; "
                 f"see bad_samples.rank*.tsv in the output directory")
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

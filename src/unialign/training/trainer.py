@@ -17,8 +17,8 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 
 from ..config import Config, ConfigError, save_config
 from ..data import RetrievalDataModule
-from ..files import atomic_path, write_json_atomic
-from ..model.factory import create_tokenizer
+from ..files import atomic_path, remove_stale_temp_files, write_json_atomic
+from ..model.factory import LOAD_ERRORS, CheckpointError, checkpoint_damage, create_tokenizer, unreadable_checkpoint
 from ..model.smke import SharedBlock
 from .module import SMKETraining
 
@@ -31,12 +31,57 @@ SUMMARY = "summary.json"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint.
+
+    A full disk or a read-only folder raises :class:`~unialign.files.WriteError` naming the
+    checkpoint; a damaged checkpoint given to resume raises :class:`CheckpointError` naming it."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            # Through a Python file object, not a path: torch's own C++ writer reports a full
+            # disk as "unexpected pos 704 vs 598", this way the OSError (ENOSPC) comes through.
+            torch.save(checkpoint, f)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        try:
+            return super().load_checkpoint(path, weights_only=weights_only, **kwargs)
+        except MemoryError:
+            raise
+        except FileNotFoundError:
+            raise
+        except LOAD_ERRORS as err:
+            raise unreadable_checkpoint(path, err) from None
+
+
+class _StepCheckpoint(ModelCheckpoint):
+    """The periodic checkpoints (stepNNN.ckpt, then last.ckpt) during training.
+
+    Lightning's ModelCheckpoint also writes last.ckpt at train end when no periodic save
+    happened yet (any run shorter than ``checkpoint_every_steps``); it runs after `_RunEnd`, which
+    has just written last.ckpt, and its version counter then named its copy ``last-v1.ckpt``.
+    `_RunEnd` owns the end-of-run files, so that save is dropped here, and the version counter is
+    off: a name that exists is ours from an earlier write of the same run (or of the run being
+    resumed, whose last.ckpt Lightning does not recognise when the folder was moved) and is
+    replaced, atomically."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A run resumed after its folder was moved or renamed: its files are in the new folder
+        now. Lightning would forget them (only keeping the best path, in the old folder), so the
+        previous step checkpoint would never be removed; the paths are moved along instead."""
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and os.path.abspath(old) != os.path.abspath(self.dirpath):
+            here = lambda p: os.path.join(self.dirpath, os.path.basename(p)) if p else p  # noqa: E731
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          **{k: here(state_dict.get(k)) for k in ("best_model_path", "kth_best_model_path",
+                                                                   "last_model_path")},
+                          "best_k_models": {here(p): v for p, v in (state_dict.get("best_k_models") or {}).items()}}
+        super().load_state_dict(state_dict)
 
 
 class _RunEnd(Callback):
@@ -115,9 +160,9 @@ def _loggers(cfg: Config, output: Path) -> list[Logger]:
 
 def build_trainer(cfg: Config, output: Path, callbacks: list[Callback] | None = None) -> L.Trainer:
     t = cfg.train
-    checkpointing = ModelCheckpoint(dirpath=output / CHECKPOINT_DIR, filename="step{step:08d}",
+    checkpointing = _StepCheckpoint(dirpath=output / CHECKPOINT_DIR, filename="step{step:08d}",
                                     auto_insert_metric_name=False, every_n_train_steps=t.checkpoint_every_steps,
-                                    save_top_k=1, save_last=True)
+                                    save_top_k=1, save_last=True, enable_version_counter=False)
     extra: list[Callback] = [checkpointing]
     if t.progress_bar:
         # Refreshing reads the logged device tensors (a host sync): only on logging steps, which sync anyway.
@@ -151,9 +196,30 @@ def resume_checkpoint(output: Path) -> Path:
     return newest
 
 
+def run_files(output: Path) -> list[str]:
+    """What in `output` belongs to a run that started checkpointing or finished: its checkpoints
+    (last, final, periodic step ones) and summary.json, relative to `output`."""
+    found = [f"{CHECKPOINT_DIR}/{p.name}" for p in sorted((output / CHECKPOINT_DIR).glob("*.ckpt"))
+             if p.name.startswith(("last", "step")) or p.name == FINAL]
+    if (output / SUMMARY).is_file():
+        found.append(SUMMARY)
+    return found
+
+
+def _is_launching_rank() -> bool:
+    """True in the process Lightning or torchrun gave global rank 0 (the one that starts the run)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def train(cfg: Config, output: str | Path, resume: bool = False,
           callbacks: list[Callback] | None = None) -> dict[str, Any]:
-    """Train from a validated config; `resume` continues from the output directory's last checkpoint."""
+    """Train from a validated config; `resume` continues from the output directory's last checkpoint.
+
+    Without `resume`, an output directory that holds a run (any checkpoint or summary.json) is
+    refused, so a finished run is never trained over. Temporary files of checkpoint writes that
+    a killed run left behind are removed before the run starts or resumes."""
     output = Path(output)
     if cfg.train.strategy == "fsdp" and not torch.cuda.is_available():
         raise ConfigError("train.strategy: fsdp needs a GPU and this machine has none visible; "
@@ -161,9 +227,20 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
     last = output / CHECKPOINT_DIR / LAST
     if resume:
         last = resume_checkpoint(output)
-    elif last.is_file():
-        raise FileExistsError(f"{output} already holds a run ({last}); pass --resume to continue it "
-                              "or choose another --output")
+        damage = checkpoint_damage(last)  # cheap: before any model or data is built
+        if damage is not None:
+            raise CheckpointError(f"cannot resume from {last}: {damage}; delete it to resume from an "
+                                  "older step checkpoint, or start a new run in another --output")
+    else:
+        held = run_files(output)
+        if held:
+            shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+            raise FileExistsError(f"{output} already holds a run ({shown}); pass --resume to continue it "
+                                  "or choose another --output")
+    if _is_launching_rank():
+        # The other ranks start after this one and before any checkpoint write, so nothing live is removed.
+        for tmp in remove_stale_temp_files(output / CHECKPOINT_DIR):
+            log.info("removed %s, left by a checkpoint write that was killed midway", tmp)
     output.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output / "config.yaml")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -175,7 +252,9 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
     datamodule = RetrievalDataModule(cfg.data, tokenizer, cfg.model.text.max_length, cfg.train.batch_size,
                                      cfg.seed, teacher_transform=teacher_transform)
     if resume:
-        datamodule.read_checkpoint(last)  # FSDP builds the train loader before it reads the checkpoint
+        # FSDP builds the train loader before it reads the checkpoint. Damaged files were refused
+        # above (checkpoint_damage), so errors here are about the contents, left as they are.
+        datamodule.read_checkpoint(last)
     trainer = build_trainer(cfg, output, [*(callbacks or []), _RunEnd(output)])
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     summary = json.loads((output / SUMMARY).read_text())
