@@ -138,8 +138,6 @@ def load_checkpoint_file(path: str | Path, **kwargs: Any) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {cause}")
     try:
         return torch.load(path, map_location="cpu", **kwargs)
-    except MemoryError:
-        raise
     except LOAD_ERRORS as err:
         raise unreadable_checkpoint(path, err) from None
 

@@ -48,10 +48,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         kwargs = {} if map_location is None else {"map_location": map_location}
         try:
             return super().load_checkpoint(path, weights_only=weights_only, **kwargs)
-        except MemoryError:
-            raise
-        except FileNotFoundError:
-            raise
         except LOAD_ERRORS as err:
             raise unreadable_checkpoint(path, err) from None
 
