@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -427,3 +428,19 @@ def test_logit_scale_past_the_cap_is_clamped_and_can_come_back(world, text_model
     model.zero_grad()
     model.scales()[0].sum().backward()  # a loss that wants a smaller scale
     assert float(model.logit_scale.grad) > 0  # so a step can bring it back below the cap
+
+
+def test_resume_refuses_a_config_that_changes_the_run(world, text_model_dir, teacher_checkpoint, tmp_path):
+    """`--set` on `--resume` must not silently rewrite the run: what it computes may not change."""
+    from unialign.config import ConfigError
+
+    raw = _config(world, text_model_dir, teacher_checkpoint, max_steps=2)
+    train(parse_config(raw), tmp_path / "run")
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    changed = copy.deepcopy(raw)
+    changed["train"]["base_lr"] = 5e-4
+    changed["model"]["shared"]["depth"] = 2
+    with pytest.raises(ConfigError, match=r"train\.base_lr: 0\.0001 -> 0\.0005.*model\.shared\.depth|"
+                                          r"model\.shared\.depth: 1 -> 2.*train\.base_lr"):
+        train(parse_config(changed), tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved  # nothing rewritten

@@ -18,7 +18,9 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)  # a bad config fails before torch and Lightning load
     from .training.trainer import train
 
-    train(cfg, args.output, resume=args.resume)
+    summary = train(cfg, args.output, resume=args.resume)
+    print(f"done: {summary['global_step']} steps; model at {summary['final_checkpoint']} "
+          f"(unialign eval / embed / index build --checkpoint it)")
 
 
 def _embed(args: argparse.Namespace) -> None:

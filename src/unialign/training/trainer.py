@@ -209,6 +209,37 @@ def _is_launching_rank() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+# What a resumed run may change: how it runs, not what it computes.
+RESUME_MAY_CHANGE = ("data.num_workers", "train.progress_bar", "train.log_every_steps", "train.loggers",
+                     "train.checkpoint_every_steps", "train.val_every_steps")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_resumed_config(cfg: Config, saved_path: Path) -> None:
+    """A resumed run continues the run it resumes: a config that would compute something else
+    (another lr, model, data, ...) is refused instead of silently rewriting config.yaml."""
+    if not saved_path.is_file():
+        return
+    import yaml
+
+    saved = _flat(yaml.safe_load(saved_path.read_text()) or {})
+    now = _flat(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in saved.keys() | now.keys()
+                     if saved.get(k) != now.get(k) and not k.startswith(RESUME_MAY_CHANGE))
+    if changed:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ConfigError(f"--resume continues the run in {saved_path.parent}, but the config differs from its "
+                          f"config.yaml ({shown}{more}); resume with the same config (only "
+                          f"{', '.join(RESUME_MAY_CHANGE)} may change) or start a new run in another --output")
+
+
 def train(cfg: Config, output: str | Path, resume: bool = False,
           callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Train from a validated config; `resume` continues from the output directory's last checkpoint.
@@ -237,6 +268,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
         # The other ranks start after this one and before any checkpoint write, so nothing live is removed.
         for tmp in remove_stale_temp_files(output / CHECKPOINT_DIR):
             log.info("removed %s, left by a checkpoint write that was killed midway", tmp)
+    if resume:
+        _check_resumed_config(cfg, output / "config.yaml")
     output.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output / "config.yaml")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
