@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from conftest import tiny_config_dict
+from test_training import Crash, _config
 from unialign.config import parse_config
 from unialign.data.synthetic import make_synthetic_karpathy
 from unialign.files import WriteError, atomic_path, write_json_atomic
@@ -31,21 +30,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_synthetic_karpathy(root, n_images=160, captions_per_image=2, image_size=32, seed=0,
                             split_counts={"train": 128, "val": 16, "test": 16})
     return root
-
-
-def _config(world: Path, text_model_dir: Path, teacher_checkpoint: Path, **train_section):
-    src = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world),
-           "splits": ["train"]}
-    return tiny_config_dict(text_model_dir, teacher_checkpoint, [src], **train_section)
-
-
-class Crash(Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated crash")
 
 
 def _checkpoint_files(run: Path) -> set[str]:
