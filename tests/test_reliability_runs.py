@@ -15,21 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from test_training import Crash, _config
+from test_training import Crash, _config, world  # noqa: F401  (world: the same module-scoped fixture)
 from unialign.config import parse_config
-from unialign.data.synthetic import make_synthetic_karpathy
 from unialign.files import WriteError, atomic_path, write_json_atomic
 from unialign.model.factory import CheckpointError, read_checkpoint
 from unialign.training.module import BadDataError, SMKETraining, bad_fraction_lower_bound
 from unialign.training.trainer import CHECKPOINT_DIR, FINAL, LAST, SUMMARY, AtomicCheckpointIO, run_files, train
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    make_synthetic_karpathy(root, n_images=160, captions_per_image=2, image_size=32, seed=0,
-                            split_counts={"train": 128, "val": 16, "test": 16})
-    return root
 
 
 def _checkpoint_files(run: Path) -> set[str]:
