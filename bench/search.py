@@ -3,6 +3,7 @@
     python bench/search.py                       # 1,000,000 x 768, the auto index for that size (IVF)
     python bench/search.py --n 200000 --index-type hnsw --json out.json
     python bench/search.py --serve-load          # load test of `unialign serve` on 127.0.0.1
+    python bench/search.py --upload-rss          # server RSS under bursts of concurrent 40-Mpixel uploads
 
 Latency is measured one query at a time (the interactive case); recall@10 of the approximate
 index is measured against IndexFlatIP on the same vectors in the same run. Vectors are
@@ -291,6 +292,94 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _rss_mib(pid: int) -> dict[str, float]:
+    """Current (VmRSS) and peak (VmHWM) resident memory of a process, from /proc."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: round(int(fields[key].split()[0]) / 1024, 1) for key in ("VmRSS", "VmHWM")}
+
+
+def big_png(width: int, height: int) -> bytes:
+    """A PNG of width x height pixels that compresses to a few tens of KB (flat colour, one shape),
+    like the upload in the memory report: small on the wire, large once decoded."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), (30, 90, 200))
+    ImageDraw.Draw(image).ellipse((width // 4, height // 4, width * 3 // 4, height * 3 // 4), fill=(220, 30, 30))
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def bench_upload_rss(args: argparse.Namespace) -> dict[str, Any]:
+    """RSS of `unialign serve` (its own process, default limits) while bursts of concurrent
+    POST /api/search/image of one large PNG arrive: peak (VmHWM) and resident after each burst,
+    both minus the RSS of the idle server before the first upload."""
+    import multiprocessing
+
+    import httpx
+
+    host = machine_info()
+    width, height = args.upload_size
+    data = big_png(width, height)
+    with tempfile.TemporaryDirectory() as tmp:
+        index = Path(args.index) if args.index else tiny_index(Path(tmp), args.images)
+        port = _free_port()
+        server = multiprocessing.get_context("spawn").Process(
+            target=_run_server, args=(str(index), port, args.checkpoint), daemon=True)
+        server.start()
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(base, server)
+            with httpx.Client(base_url=base, timeout=30) as http:  # warm-up: model and upload path loaded
+                http.post("/api/search/image", files={"file": ("small.png", big_png(64, 64), "image/png")})
+            idle = _rss_mib(server.pid)
+            bursts = []
+            for _ in range(args.bursts):
+                statuses: list[int] = []
+                barrier = threading.Barrier(args.concurrency)
+
+                def client(i: int) -> None:
+                    barrier.wait()
+                    with httpx.Client(base_url=base, timeout=300) as http:
+                        r = http.post("/api/search/image", files={"file": (f"big{i}.png", data, "image/png")})
+                    statuses.append(r.status_code)
+
+                threads = [threading.Thread(target=client, args=(i,)) for i in range(args.concurrency)]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                rss = _rss_mib(server.pid)
+                bursts.append({"wall_s": round(time.perf_counter() - t0, 1), "ok": statuses.count(200),
+                               "statuses": sorted(set(statuses)), "rss_mib": rss["VmRSS"],
+                               "rss_after_minus_idle_mib": round(rss["VmRSS"] - idle["VmRSS"], 1)})
+            peak = _rss_mib(server.pid)["VmHWM"]
+        finally:
+            server.terminate()
+            server.join(10)
+    return {
+        "section": "upload-rss", "machine": host,
+        "upload": {"width": width, "height": height, "bytes": len(data), "format": "PNG",
+                   "full_decode_mib": round(width * height * 3 / 2**20, 1)},
+        "concurrency": args.concurrency, "bursts": bursts, "idle_rss_mib": idle["VmRSS"],
+        "peak_rss_mib": peak, "peak_minus_idle_mib": round(peak - idle["VmRSS"], 1),
+    }
+
+
+def print_upload_rss(r: dict[str, Any]) -> None:
+    m, u = r["machine"], r["upload"]
+    print(f"device: {m['cpu']}, {m['cores']} cores (load average {m['loadavg_1m']} at start)")
+    print(f"upload: {u['width']}x{u['height']} PNG, {u['bytes']:,} bytes ({u['full_decode_mib']} MiB as RGB); "
+          f"{r['concurrency']} concurrent uploads per burst; server idle RSS {r['idle_rss_mib']} MiB")
+    for i, b in enumerate(r["bursts"], 1):
+        print(f"burst {i}: {b['ok']}/{r['concurrency']} answered 200 (statuses {b['statuses']}) in {b['wall_s']} s; "
+              f"RSS after: {b['rss_mib']} MiB (+{b['rss_after_minus_idle_mib']} MiB over idle)")
+    print(f"peak RSS (VmHWM): {r['peak_rss_mib']} MiB (+{r['peak_minus_idle_mib']} MiB over idle)")
+
+
 def _wait_ready(base: str, server: Any, timeout: float = 120) -> dict[str, Any]:
     import httpx
 
@@ -343,8 +432,15 @@ def main(argv: list[str] | None = None) -> None:
     load.add_argument("--images", type=int, default=500, help="images in the synthetic index")
     load.add_argument("--requests", type=int, default=2000)
     load.add_argument("--concurrency", type=int, default=4, help="concurrent clients (threads)")
+    load.add_argument("--upload-rss", action="store_true",
+                      help="server RSS under --bursts of --concurrency concurrent uploads of one --upload-size PNG")
+    load.add_argument("--bursts", type=int, default=3)
+    load.add_argument("--upload-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(8000, 5000),
+                      metavar="WxH", help="pixels of the uploaded PNG (default 8000x5000 = 40 Mpixel, the cap)")
     args = p.parse_args(argv)
-    if args.serve_load:
+    if args.upload_rss:
+        emit(bench_upload_rss(args), args.json, print_upload_rss)
+    elif args.serve_load:
         result = bench_serve(args)
         emit(result, args.json, print_serve)
         if result["errors"]:

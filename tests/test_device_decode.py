@@ -276,7 +276,8 @@ def test_device_decode_config_conflicts_are_rejected(tmp_path, text_model_dir, t
 def test_teacher_cache_pass_decodes_on_the_device(tmp_path, text_model_dir, teacher_checkpoint) -> None:
     from unialign.data.transforms import PixelNormalizer
     from unialign.model.teacher import Teacher
-    from unialign.training.teacher_cache import TeacherCache, TeacherCacheError, build_teacher_cache
+    from unialign.training.cache_build import build_teacher_cache
+    from unialign.training.teacher_cache import TeacherCache, TeacherCacheError
 
     manifest = _jpeg_world(tmp_path, 12)
     raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [{"type": "manifest", "path": str(manifest),

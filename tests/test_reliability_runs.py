@@ -249,7 +249,8 @@ def test_resume_from_a_damaged_checkpoint_is_refused_in_one_line(world, text_mod
 
 def test_disk_full_while_writing_a_checkpoint_names_the_file(world, text_model_dir, teacher_checkpoint, tmp_path,
                                                              monkeypatch):
-    import unialign.training.trainer as trainer_module
+    import unialign.files as files_module
+    from unialign.model.factory import create_tokenizer, export_checkpoint
 
     cfg = parse_config(_config(world, text_model_dir, teacher_checkpoint, max_steps=2))
 
@@ -266,12 +267,17 @@ def test_disk_full_while_writing_a_checkpoint_names_the_file(world, text_model_d
     monkeypatch.undo()
 
     # A real full device (/dev/full): torch's own writer would report "unexpected pos ..." instead.
+    # The training checkpoints and the inference export (`export_checkpoint`) write the same way.
     real_open = open
-    monkeypatch.setattr(trainer_module, "open", lambda path, mode="r", *a, **k: real_open("/dev/full", mode),
+    monkeypatch.setattr(files_module, "open", lambda path, mode="r", *a, **k: real_open("/dev/full", mode),
                         raising=False)
     with pytest.raises(WriteError, match=r"cannot write .*ckpt: no space left on device"):
         AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(100_000)}, tmp_path / "x" / "step.ckpt")
     assert list((tmp_path / "x").iterdir()) == []
+    model = SMKETraining(cfg.model_dump(mode="json"), tokenizer=create_tokenizer(cfg)).model
+    with pytest.raises(WriteError, match=r"cannot write .*model\.pt: no space left on device"):
+        export_checkpoint(model, cfg, create_tokenizer(cfg), tmp_path / "y" / "model.pt")
+    assert list((tmp_path / "y").iterdir()) == []
 
 
 @pytest.mark.parametrize(("code", "cause"), [(errno.EACCES, "permission denied"),

@@ -21,6 +21,7 @@ from unialign.search.cli import register
 from unialign.search.query import Searcher
 from unialign.search.store import CAPTION_INDEX, IMAGE_INDEX, IndexStore, SearchIndexError
 
+TEST_HOSTS = ["testserver"]  # the Host that TestClient and schemathesis send; create_app answers loopback only
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
            "purple": (140, 40, 160), "orange": (250, 140, 20), "white": (250, 250, 250), "black": (10, 10, 10)}
 
@@ -140,6 +141,58 @@ def test_incremental_build_embeds_only_new_files(tiny_checkpoint, tmp_path, monk
     s = searcher_factory(tmp_path / "index")
     assert s.size == 5
     assert s.search_image(Image.open(new[1]).convert("RGB"), k=1)[0].path == str(new[1].absolute())
+
+
+def test_rebuild_with_nothing_new_writes_no_chunk(tiny_checkpoint, tmp_path):
+    make_images(tmp_path / "imgs", ["red", "green"])
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png")  # retried by every build
+    build_tiny(tiny_checkpoint, tmp_path / "index", entries_from_folder(tmp_path / "imgs"))
+    files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "index").rglob("*"))
+    for _ in range(2):
+        report = build_tiny(tiny_checkpoint, tmp_path / "index", entries_from_folder(tmp_path / "imgs"))
+        assert (report.added, report.already_indexed, [p for p, _ in report.skipped]) == (
+            0, 2, [str(tmp_path / "imgs" / "broken.png")])
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "index").rglob("*")) == files
+    with IndexStore(tmp_path / "index") as store:
+        assert [c.n_images for c in store.chunks()] == [2] and len(store.skipped()) == 1
+
+
+def test_symlinks_are_not_followed(tiny_checkpoint, tmp_path):
+    make_images(tmp_path / "imgs", ["red", "green"])
+    outside = make_images(tmp_path / "private", ["blue", "yellow"])
+    folder = tmp_path / "imgs"
+    (folder / "link_out.png").symlink_to(outside[0])
+    (folder / "link_in.png").symlink_to(folder / "red_square.png")
+    (folder / "linked_dir").symlink_to(tmp_path / "private", target_is_directory=True)
+    entries = entries_from_folder(folder)
+    links = {str(folder / n) for n in ("link_out.png", "link_in.png", "linked_dir")}
+    assert {e.path for e in entries if e.skip} == links
+    report = build_tiny(tiny_checkpoint, tmp_path / "index", entries)
+    assert (report.added, report.items) == (2, 2)
+    assert sorted(report.skipped) == sorted((p, build.SYMLINK_SKIPPED) for p in links)
+    with IndexStore(tmp_path / "index") as store:
+        assert {p for p, _ in store.skipped()} == links
+        assert not any("private" in p for p in store.known_paths())
+    for p in outside:
+        p.unlink()
+    (folder / "red_square.png").unlink()
+    (folder / "green_square.png").unlink()
+    with pytest.raises(SearchIndexError, match="no image files .*3 symlink"):
+        entries_from_folder(folder)
+
+
+def test_embed_row_names_survive_a_newline_in_a_file_name(tiny_checkpoint, tmp_path, capsys):
+    from unialign.cli import main
+
+    make_images(tmp_path / "imgs", ["red"])
+    draw("green").save(tmp_path / "imgs" / "a\nb.png")
+    main(["embed", "--checkpoint", str(tiny_checkpoint), "--images", str(tmp_path / "imgs"), "--output",
+          str(tmp_path / "x.npy"), "--device", "cpu"])
+    rows = np.load(tmp_path / "x.npy")
+    names = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
+    assert names == [str(tmp_path / "imgs" / "a\nb.png"), str(tmp_path / "imgs" / "red_square.png")]
+    assert rows.shape[0] == len(names) and not (tmp_path / "x.txt").exists()
+    assert f"row names in {tmp_path / 'x.jsonl'}" in capsys.readouterr().out
 
 
 def test_interrupted_build_resumes_without_reembedding(tiny_checkpoint, tmp_path, monkeypatch, searcher_factory):
@@ -307,8 +360,8 @@ def test_cli_build_and_search(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     _cli(["index", "build", "--checkpoint", str(tiny_checkpoint), "--manifest", "manifest.jsonl", "--out", index,
           "--device", "cpu", "--no-progress"])
     out, err = capsys.readouterr()
-    assert "3 image(s) and 6 caption(s) embedded, 0 already indexed, 1 unreadable" in out and "Flat (exact)" in out
-    assert f"skipped (unreadable): {tmp_path / 'img' / 'broken.png'}: " in err
+    assert "3 image(s) and 6 caption(s) embedded, 0 already indexed, 1 skipped" in out and "Flat (exact)" in out
+    assert f"skipped: {tmp_path / 'img' / 'broken.png'}: ImageLoadError" in err
 
     _cli(["search", "--index", str(index), "a red square", "-k", "2", "--device", "cpu"])
     table = capsys.readouterr().out.splitlines()

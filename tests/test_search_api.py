@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from test_search import build_tiny, draw, make_images, make_manifest
+from test_search import TEST_HOSTS, build_tiny, draw, make_images, make_manifest
 
 from unialign.search.app import Limits, create_app, is_loopback
 from unialign.search.build import entries_from_folder, entries_from_manifest
@@ -32,7 +32,7 @@ def searcher(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(searcher):
-    with TestClient(create_app(searcher)) as c:
+    with TestClient(create_app(searcher, allowed_hosts=TEST_HOSTS)) as c:
         yield c
 
 
@@ -52,6 +52,20 @@ def test_health_and_page(client):
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert page.headers["x-content-type-options"] == "nosniff"
     assert client.get("/static/app.js").status_code == 200
+
+
+def test_page_explains_the_score_and_the_index_type(client):
+    legend = client.get("/").text.split('<details id="legend"', 1)[1].split("</details>", 1)[0]
+    for words in ("cosine similarity", "L2-normalised", "from −1 to 1", "higher means closer", "within a query",
+                  "Flat (exact)", "every indexed image is compared", "approximate"):
+        assert words in " ".join(legend.split()), words
+    assert 'score.title = "cosine similarity' in client.get("/static/app.js").text
+
+
+def test_long_query_echo_wraps(client):
+    css = " ".join(client.get("/static/style.css").text.split())
+    rule = next(r for r in css.split("}") if "#status," in r)
+    assert "overflow-wrap: anywhere" in rule and "#error" in rule
 
 
 def test_text_search_and_thumbnails(client):
@@ -80,7 +94,7 @@ def test_caption_search_without_captions_is_400(tiny_checkpoint, tmp_path):
     build_tiny(tiny_checkpoint, tmp_path / "index", entries_from_folder(tmp_path / "imgs"))
     s = Searcher(tmp_path / "index", device="cpu")
     try:
-        with TestClient(create_app(s)) as c:
+        with TestClient(create_app(s, allowed_hosts=TEST_HOSTS)) as c:
             r = c.get("/api/search", params={"q": "red", "captions": "true"})
             assert r.status_code == 400 and "holds no captions" in r.json()["detail"]
             assert c.get("/api/health").json()["caption_index"] is None
@@ -122,7 +136,7 @@ def test_upload_size_and_pixel_limits(client, searcher):
     r = client.post("/api/search/image", files={"file": ("huge.png", too_big, "image/png")})
     assert r.status_code == 413 and r.json()["detail"] == "huge.png: larger than 10,485,760 bytes"
     assert client.post("/api/search/image", files={"file": ("ok.png", png(draw("red")), "image/png")}).is_success
-    with TestClient(create_app(searcher, Limits(max_pixels=31 * 31))) as small:
+    with TestClient(create_app(searcher, Limits(max_pixels=31 * 31), allowed_hosts=TEST_HOSTS)) as small:
         r = small.post("/api/search/image", files={"file": ("big.png", png(draw("red", size=32)), "image/png")})
         assert r.status_code == 413 and "32x32 pixels" in r.json()["detail"]
     r = client.post("/api/search/image", content=b"x" * 100_000, headers={"content-type": "application/json"})
@@ -226,7 +240,7 @@ def _conformance_test(operation: schemathesis.APIOperation, calls: dict[str, int
 def test_openapi_conformance(searcher):
     """schemathesis, in-process: for every operation, 20 generated requests (valid and invalid)
     get no 5xx, a documented status code and content type, and a body valid against the spec."""
-    spec = schemathesis.openapi.from_asgi("/openapi.json", create_app(searcher))
+    spec = schemathesis.openapi.from_asgi("/openapi.json", create_app(searcher, allowed_hosts=TEST_HOSTS))
     operations = [result.ok() for result in spec.get_all_operations()]
     assert {op.label for op in operations} == {
         "GET /api/health", "GET /api/search", "POST /api/search/image", "GET /api/thumb/{item_id}"}

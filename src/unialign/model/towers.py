@@ -9,7 +9,10 @@ fairseq's Data2Vec 2.0 in unialign's own implementation).
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -160,7 +163,8 @@ class HFImageTower(ImageTower):
         if hf_config is not None:
             model = AutoModel.from_config(hf_config_from_dict(hf_config))
         elif pretrained:
-            model = AutoModel.from_pretrained(name, **kwargs)
+            with _no_bar_for_local(name):
+                model = AutoModel.from_pretrained(name, **kwargs)
         else:
             model = AutoModel.from_config(AutoConfig.from_pretrained(name, **kwargs))
         if layers is not None and hf_config is None:
@@ -271,11 +275,57 @@ class TextTower(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
 
-def _text_model_from_pretrained(name: str, **config_overrides: Any) -> nn.Module:
+@contextmanager
+def _no_bar_for_local(name: str) -> Iterator[None]:
+    """transformers draws a "Loading weights" bar for every load: for a local folder it lasts under
+    a second and only looks like work in progress; hub downloads keep their bars."""
+    from transformers.utils import logging as hf_logging
+
+    if not Path(name).expanduser().is_dir() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
     try:
-        return AutoModel.from_pretrained(name, add_pooling_layer=False, attn_implementation="sdpa", **config_overrides)
-    except TypeError:  # models without a pooler do not take the flag
-        return AutoModel.from_pretrained(name, attn_implementation="sdpa", **config_overrides)
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+class _HeldLoadReport(logging.Filter):
+    """Keeps transformers' load report back (it is logged as a warning) until the load is judged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
+def _text_model_from_pretrained(name: str, **config_overrides: Any) -> nn.Module:
+    """The encoder only. Checkpoint weights beyond it (the pooler, pre-training heads) are unused by
+    design, and transformers would report them as UNEXPECTED on every load: its report is shown only
+    when weights are missing or the load fails."""
+    kwargs = {"attn_implementation": "sdpa", "output_loading_info": True, **config_overrides}
+    report = logging.getLogger("transformers.modeling_utils")
+    held = _HeldLoadReport()
+    report.addFilter(held)
+    missing = True  # until the load succeeds
+    try:
+        with _no_bar_for_local(name):
+            try:
+                model, info = AutoModel.from_pretrained(name, add_pooling_layer=False, **kwargs)
+            except TypeError:  # models without a pooler do not take the flag
+                model, info = AutoModel.from_pretrained(name, **kwargs)
+        missing = bool(info["missing_keys"])
+    finally:
+        report.removeFilter(held)
+        for record in held.records if missing else []:
+            report.handle(record)
+    return model
 
 
 def _text_model_from_config(config: PretrainedConfig) -> nn.Module:

@@ -8,7 +8,8 @@ decode a decompression bomb or run a risky PIL plugin (EPS, for one, shells out 
 Memory: images (thumbnails and uploads) are decoded at reduced size (JPEG DCT scaling via
 ``Image.draft``, then ``reduce``), never above a pixel cap, and at most
 ``Limits.max_concurrent_decodes`` at a time; concurrent requests for one thumbnail wait for
-the first decode and reuse its cached result.
+the first decode and reuse its cached result; `serve` has the memory that a decode frees go back
+to the OS (``return_freed_images_to_the_os``).
 """
 
 import io
@@ -34,7 +35,14 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data.images import ImageLoadError
-from .images import DecodeSlots, ThumbnailCache, TooManyPixels, decode_reduced, upload_box
+from .images import (
+    DecodeSlots,
+    ThumbnailCache,
+    TooManyPixels,
+    decode_reduced,
+    return_freed_images_to_the_os,
+    upload_box,
+)
 from .query import Hit, Searcher
 
 log = logging.getLogger(__name__)
@@ -255,19 +263,20 @@ def _result(hit: Hit) -> Result:
                   thumb_url=f"/api/thumb/{hit.id}")
 
 
-def create_app(searcher: Searcher, limits: Limits = Limits(), allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+def create_app(searcher: Searcher, limits: Limits = Limits(),
+               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS) -> FastAPI:
     """The API and page over an opened ``searcher`` (tests pass their own; `serve` builds one).
 
-    ``allowed_hosts``: Host header values answered (others get 400, against DNS rebinding); `serve`
-    always passes them (`served_hosts`). None means no Host check, for in-process use only."""
+    ``allowed_hosts``: Host header values answered (others get 400, against DNS rebinding); by
+    default only the loopback names, so an app served by other means than `serve` is protected
+    too. ``["*"]`` answers any host."""
     app = _App(title="unialign search", version="1",
                description="Text-to-image, image-to-image and caption search over a unialign index.",
                docs_url=None, redoc_url=None,  # Swagger UI / ReDoc load from a CDN: blank offline
                max_body_size=64 * 1024)  # GET endpoints take no body; the upload route raises this
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(SecurityHeaders)
-    if allowed_hosts is not None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=host_patterns(allowed_hosts), www_redirect=False)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=host_patterns(allowed_hosts), www_redirect=False)
     slots = DecodeSlots(limits.max_concurrent_decodes)
     thumbs = ThumbnailCache(THUMB_CACHE_SIZE)
     static = resources.files("unialign.search") / "static"
@@ -370,5 +379,7 @@ def serve(index_dir: FilePath | str, host: str = "127.0.0.1", port: int = 8000, 
         print("\n" + "!" * 80 + f"\n{banner}\n" + "!" * 80 + "\n", file=sys.stderr, flush=True)
         log.warning(banner)
     searcher = Searcher(index_dir, checkpoint=checkpoint, device=device, nprobe=nprobe, ef_search=ef_search)
+    if not return_freed_images_to_the_os():
+        log.warning("not glibc: memory freed after large image decodes may stay resident")
     log.info("answering requests for Host: %s", ", ".join(hosts))
     uvicorn.run(create_app(searcher, limits, allowed_hosts=hosts), host=host, port=port, log_level=log_level)

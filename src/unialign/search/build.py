@@ -36,6 +36,7 @@ from .store import (
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+SYMLINK_SKIPPED = "symlink: not followed (only regular files inside the indexed folder are indexed)"
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Entry:
     path: str
     image_id: int | None
     captions: tuple[str, ...] = ()
+    skip: str | None = None  # why it is listed as skipped instead of embedded
 
 
 @dataclass
@@ -63,14 +65,25 @@ class BuildReport:
 
 def entries_from_folder(folder: Path | str) -> list[Entry]:
     """Image files under ``folder`` (recursive, by suffix), in sorted order; image_id hashes the
-    path relative to ``folder`` like manifests without an id column do."""
+    path relative to ``folder`` like manifests without an id column do.
+
+    Symlinks (to image files or to directories) are never followed: they come back as entries
+    with ``skip`` = SYMLINK_SKIPPED. A link could lead out of the folder, or be pointed
+    elsewhere after the build while the server still opens its stored path."""
     root = Path(folder)
     if not root.is_dir():
         raise SearchIndexError(f"--images {root} is not a directory")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files, links = [], []
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            if p.suffix.lower() in IMAGE_SUFFIXES or p.is_dir():
+                links.append(Entry(os.path.abspath(p), None, skip=SYMLINK_SKIPPED))
+        elif p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            files.append(Entry(os.path.abspath(p), stable_id(p.relative_to(root).as_posix())))
     if not files:
-        raise SearchIndexError(f"--images {root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return [Entry(os.path.abspath(p), stable_id(p.relative_to(root).as_posix())) for p in files]
+        raise SearchIndexError(f"--images {root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                               + (f"; {len(links)} symlink(s) not followed" if links else ""))
+    return files + links
 
 
 def entries_from_manifest(manifest: Path | str, image_root: Path | str | None = None) -> list[Entry]:
@@ -121,15 +134,19 @@ def build_index(checkpoint: Path | str, entries: Sequence[Entry], out: Path | st
         if store.remove_orphan_vectors():
             log.info("%s: removed vector files of a chunk that was never committed", store.root)
         known = store.known_paths()
-        todo = [e for e in entries if e.path not in known]
-        report = BuildReport(str(store.root), len(entries), len(entries) - len(todo), 0, 0)
+        todo = [e for e in entries if e.skip is None and e.path not in known]
+        listed = [(e.path, e.skip) for e in entries if e.skip is not None]
+        report = BuildReport(str(store.root), len(entries), len(entries) - len(todo) - len(listed), 0, 0,
+                             skipped=listed)
+        if listed:
+            store.record_skipped(listed)
         if todo:
             _embed(store, checkpoint, todo, batch_size, num_workers, chunk_size, device or default_device(),
                    progress, report)
         counts = store.counts()
         if not counts["items"]:
             raise SearchIndexError(f"{store.root}: nothing was indexed: all {len(report.skipped)} image(s) were "
-                                   f"unreadable (listed in table 'skipped' of {store.root / DB_NAME})")
+                                   f"skipped (listed in table 'skipped' of {store.root / DB_NAME})")
         image_params, caption_params = sync_faiss(store, kind)
     report.items, report.captions = counts["items"], counts["captions"]
     report.image_index = image_params.describe() if image_params else ""
@@ -146,6 +163,11 @@ def _embed(store: IndexStore, checkpoint: Path, todo: list[Entry], batch_size: i
         chunk = todo[start:start + chunk_size]
         paths = [e.path for e in chunk]
         emb, kept, skipped = encode_images(model, preprocess, paths, batch_size, num_workers, device, progress)
+        if not kept:
+            store.record_skipped(skipped)
+            report.skipped.extend(skipped)
+            log.info("chunk %d/%d: all %d image(s) unreadable, nothing committed", number, n_chunks, len(skipped))
+            continue
         captions = [(row, text) for row, i in enumerate(kept) for text in chunk[i].captions]
         caption_emb = (encode_texts(model, tokenizer, [t for _, t in captions], device=device, progress=False)
                        if captions else np.empty((0, model.width), dtype=np.float32))

@@ -32,9 +32,9 @@ def _index_build(args: argparse.Namespace) -> None:
     except (SearchIndexError, DataError) as err:
         raise _fail(err) from None
     for path, reason in report.skipped:
-        print(f"skipped (unreadable): {path}: {reason}", file=sys.stderr)
+        print(f"skipped: {path}: {reason}", file=sys.stderr)
     print(f"{report.index_dir}: {report.added} image(s) and {report.captions_added} caption(s) embedded, "
-          f"{report.already_indexed} already indexed, {len(report.skipped)} unreadable"
+          f"{report.already_indexed} already indexed, {len(report.skipped)} skipped"
           + (f" (listed in table 'skipped' of {Path(report.index_dir) / DB_NAME})" if report.skipped else ""))
     print(f"index now holds {report.items} image(s) [{report.image_index}]"
           + (f" and {report.captions} caption(s) [{report.caption_index}]" if report.caption_index else ""))

@@ -221,6 +221,12 @@ class IndexStore:
             c.executemany("INSERT OR REPLACE INTO skipped (path, reason) VALUES (?, ?)", skipped)
         return Chunk(chunk_id, name, len(paths), len(captions))
 
+    def record_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        """(path, reason) of files left out of the index, without a chunk: a build that embeds
+        nothing must not leave an empty vector file behind."""
+        with self.transaction() as c:
+            c.executemany("INSERT OR REPLACE INTO skipped (path, reason) VALUES (?, ?)", skipped)
+
     def _write_vectors(self, name: str, v: ChunkVectors) -> None:
         with atomic_path(self.root / VECTORS_DIR / name, fsync=True) as tmp, open(tmp, "wb") as f:
             np.savez(f, image_ids=v.image_ids, images=v.images.astype(np.float32, copy=False),

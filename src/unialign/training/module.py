@@ -321,8 +321,8 @@ class SMKETraining(L.LightningModule):
         optimizer = torch.optim.AdamW(self.param_groups(lr), lr=lr, betas=t.betas, eps=t.eps,
                                       fused=self._fused_adamw())
         self.trainer.estimated_stepping_batches  # sets up the train loader so its length is known
-        steps_per_epoch = math.ceil(self.trainer.num_training_batches / t.accumulate_grad_batches)
-        total = steps_per_epoch * t.epochs  # the schedule spans the configured epochs even if max_steps cuts it
+        total = math.ceil(self.trainer.num_training_batches / t.accumulate_grad_batches) * t.epochs  # optimizer steps
+        total = min(total, t.max_steps) if t.max_steps > 0 else total  # so a cut run ends at the cosine's end
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_fraction * total), total)
         log.info("lr %.3g (base %.3g, global batch %d), %d steps, %d warm-up", lr, t.base_lr, global_batch,
                  total, int(t.warmup_fraction * total))

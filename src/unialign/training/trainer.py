@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,15 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 
 from ..config import Config, ConfigError, save_config
 from ..data import RetrievalDataModule
-from ..files import atomic_path, remove_stale_temp_files, write_json_atomic
+from ..files import remove_stale_temp_files, torch_save_atomic, write_json_atomic
 from ..model.factory import LOAD_ERRORS, CheckpointError, checkpoint_damage, create_tokenizer, unreadable_checkpoint
 from ..model.smke import SharedBlock
 from .module import SMKETraining
+from .progress import ProgressLog
 
 log = logging.getLogger(__name__)
+# Lightning's own pytree helper calls what torch deprecated; nothing in our code to change.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
@@ -38,10 +42,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            # Through a Python file object, not a path: torch's own C++ writer reports a full
-            # disk as "unexpected pos 704 vs 598", this way the OSError (ENOSPC) comes through.
-            torch.save(checkpoint, f)
+        torch_save_atomic(checkpoint, path)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
@@ -90,7 +91,7 @@ class _RunEnd(Callback):
         self.output = output
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.output / CHECKPOINT_DIR / LAST)
+        trainer.save_checkpoint(self.output / CHECKPOINT_DIR / LAST, weights_only=False)
         trainer.save_checkpoint(self.output / CHECKPOINT_DIR / FINAL, weights_only=True)
         # Counters are per rank; the summary reports the whole run.
         counters = torch.tensor([pl_module.samples_seen, pl_module.samples_bad], dtype=torch.float64,
@@ -154,8 +155,30 @@ def _loggers(cfg: Config, output: Path) -> list[Logger]:
     return loggers
 
 
+class _NoAdvert(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger" line, logged by every Trainer that has
+    no LitLogger; no Trainer argument turns it off."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+def _lightning_console() -> None:
+    """Each of Lightning's log records printed once, and no adverts among them."""
+    package = logging.getLogger("lightning")
+    if logging.getLogger().hasHandlers():
+        # The application (the CLI) configured the root logger, which Lightning's records reach; the
+        # console handler Lightning's package adds on import would print each a second time.
+        for handler in [h for h in package.handlers if type(h) is logging.StreamHandler]:
+            package.removeHandler(handler)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvert) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoAdvert())
+
+
 def build_trainer(cfg: Config, output: Path, callbacks: list[Callback] | None = None) -> L.Trainer:
     t = cfg.train
+    _lightning_console()
     checkpointing = _StepCheckpoint(dirpath=output / CHECKPOINT_DIR, filename="step{step:08d}",
                                     auto_insert_metric_name=False, every_n_train_steps=t.checkpoint_every_steps,
                                     save_top_k=1, save_last=True, enable_version_counter=False)
@@ -163,12 +186,16 @@ def build_trainer(cfg: Config, output: Path, callbacks: list[Callback] | None = 
     if t.progress_bar:
         # Refreshing reads the logged device tensors (a host sync): only on logging steps, which sync anyway.
         extra.append(TQDMProgressBar(refresh_rate=t.log_every_steps))
+    else:
+        extra.append(ProgressLog(t.log_every_steps))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(cfg),
         precision=t.precision, max_epochs=t.epochs, max_steps=t.max_steps,
         gradient_clip_val=t.grad_clip, accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_steps, val_check_interval=t.val_every_steps,
         check_val_every_n_epoch=None if t.val_every_steps else 1,
+        # Without a validation set Lightning would still ask for its loader, and warn that it is empty.
+        limit_val_batches=None if cfg.data.val is not None else 0,
         callbacks=extra + (callbacks or []), logger=_loggers(cfg, output) or False,
         enable_progress_bar=t.progress_bar, use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
         default_root_dir=output, num_sanity_val_steps=0, enable_model_summary=False,
@@ -240,6 +267,16 @@ def _check_resumed_config(cfg: Config, saved_path: Path) -> None:
                           f"{', '.join(RESUME_MAY_CHANGE)} may change) or start a new run in another --output")
 
 
+def _with_auto_cache(cfg: Config) -> Config:
+    """``teacher.cache: auto`` -> the folder of this teacher and these training images, built by
+    the launching process (the others wait for it); config.yaml keeps ``auto``."""
+    from .cache_build import ensure_auto_cache
+
+    folder = ensure_auto_cache(cfg, build=_is_launching_rank(), batch_size=cfg.train.batch_size,
+                               progress=cfg.train.progress_bar)
+    return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"cache": folder})})
+
+
 def train(cfg: Config, output: str | Path, resume: bool = False,
           callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Train from a validated config; `resume` continues from the output directory's last checkpoint.
@@ -272,6 +309,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
         _check_resumed_config(cfg, output / "config.yaml")
     output.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output / "config.yaml")
+    if cfg.teacher.cache == "auto" and cfg.teacher.enabled:
+        cfg = _with_auto_cache(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = create_tokenizer(cfg)
     module = SMKETraining(cfg.model_dump(mode="json"), tokenizer=tokenizer, output_dir=str(output))

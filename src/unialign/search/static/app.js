@@ -53,6 +53,7 @@
       const score = document.createElement("span");
       score.className = "score";
       score.textContent = r.score.toFixed(3);
+      score.title = "cosine similarity to the query (-1 to 1, higher is closer; compare within this query only)";
       const name = document.createElement("span");
       name.className = "name";
       name.textContent = r.name;
