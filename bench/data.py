@@ -126,7 +126,7 @@ def tokenizer(workdir: Path) -> Any:
 def unialign_pipeline(urls: str, n: int, workers: int, args: argparse.Namespace, tok: Any,
                       on_device: bool = True) -> dict[str, Any]:
     from unialign.config import DataConfig, WebDatasetSource
-    from unialign.data import RetrievalDataModule
+    from unialign.training.datamodule import RetrievalDataModule
 
     cfg = DataConfig(train=[WebDatasetSource(urls=urls, size=n)], image_size=args.image_size, num_workers=workers,
                      shuffle_buffer=args.shuffle_buffer, normalize_on_device=on_device)
@@ -209,7 +209,7 @@ def unialign_device_decode(urls: str, n: int, workers: int, args: argparse.Names
     ``on_after_batch_transfer`` (batched decode there: nvJPEG on CUDA, crop/resize/flip,
     normalise), timed with a device sync at the end."""
     from unialign.config import DataConfig, WebDatasetSource
-    from unialign.data import RetrievalDataModule
+    from unialign.training.datamodule import RetrievalDataModule
 
     cfg = DataConfig(train=[WebDatasetSource(urls=urls, size=n)], image_size=args.image_size, num_workers=workers,
                      shuffle_buffer=args.shuffle_buffer, decode="device")

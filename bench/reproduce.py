@@ -35,23 +35,22 @@ from typing import Any
 
 from tqdm import tqdm
 
-from unialign.demo import (
+from unialign.assets import check_assets
+from unialign.demo.plan import (
     BASELINE,
     FULL_STANDIN,
     ROWS,
     DemoAssets,
     Scale,
-    StepProgress,
-    check_assets,
     default_cache_dir,
     demo_config,
     missing_assets,
     prepare_assets,
-    quiet_libraries,
     set_key,
     steps_per_run,
     with_teacher_cache,
 )
+from unialign.demo.run import StepProgress, quiet_libraries
 from unialign.files import write_json_atomic, write_text_atomic
 from unialign.machine import machine_info
 from unialign.report import (

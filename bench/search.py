@@ -185,24 +185,19 @@ def tiny_index(root: Path, n_images: int) -> Path:
     from PIL import Image, ImageDraw
     from transformers import AutoTokenizer
 
-    from unialign.config import Config
-    from unialign.demo import make_text_model, make_vit_checkpoint
+    from unialign.config import InferenceConfig, ModelConfig, Preprocess
     from unialign.model.factory import create_student, export_checkpoint
     from unialign.search.build import build_index, entries_from_folder
+    from unialign.standins import make_text_model
 
     vit = {"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 4}
     text_dir = make_text_model(root / "text", QUERIES)
-    cfg = Config.model_validate({
-        "model": {"image": {"name": "vit_small_patch16_224", "pretrained": False, "layers": 2, "kwargs": vit},
-                  "text": {"name": str(text_dir), "layers": 2, "max_length": 32},
-                  "shared": {"depth": 1, "num_heads": 4}},
-        "teacher": {"name": "vit_small_patch16_224", "pretrained": False,
-                    "checkpoint": str(make_vit_checkpoint(root / "teacher.pth", vit)), "kwargs": vit},
-        "data": {"train": [{"type": "manifest", "path": "unused.jsonl"}], "image_size": 64},
-    })
+    spec = InferenceConfig(model=ModelConfig.model_validate({
+        "image": {"name": "vit_small_patch16_224", "pretrained": False, "layers": 2, "kwargs": vit},
+        "text": {"name": str(text_dir), "layers": 2, "max_length": 32},
+        "shared": {"depth": 1, "num_heads": 4}}), preprocess=Preprocess(image_size=64))
     torch.manual_seed(0)
-    ckpt = export_checkpoint(create_student(cfg, kd_dim=None), cfg, AutoTokenizer.from_pretrained(text_dir),
-                             root / "tiny.ckpt")
+    ckpt = export_checkpoint(create_student(spec), spec, AutoTokenizer.from_pretrained(text_dir), root / "tiny.ckpt")
     rng = np.random.default_rng(0)
     (root / "images").mkdir()
     for i in range(n_images):

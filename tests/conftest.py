@@ -16,7 +16,7 @@ TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_h
 @pytest.fixture(scope="session")
 def text_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from unialign.data.synthetic import vocabulary
-    from unialign.demo import make_text_model
+    from unialign.standins import make_text_model
 
     return make_text_model(tmp_path_factory.mktemp("bert"), [" ".join(vocabulary())], hidden=64, layers=4,
                            heads=4)
@@ -24,7 +24,7 @@ def text_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from unialign.demo import make_vit_checkpoint
+    from unialign.standins import make_vit_checkpoint
 
     return make_vit_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher.pth", TINY_VIT)
 
@@ -54,13 +54,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, text_model_dir: Pa
     import torch
     from transformers import AutoTokenizer
 
-    from unialign.config import Config
+    from unialign.config import InferenceConfig, ModelConfig, Preprocess
     from unialign.model.factory import create_student, export_checkpoint
 
-    raw = tiny_config_dict(text_model_dir, teacher_checkpoint,
-                           [{"type": "manifest", "path": "unused.jsonl"}])
-    cfg = Config.model_validate(raw)
+    raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [])
+    spec = InferenceConfig(model=ModelConfig.model_validate(raw["model"]), kd_dim=64,
+                           preprocess=Preprocess(image_size=raw["data"]["image_size"]))
     torch.manual_seed(0)
-    model = create_student(cfg, kd_dim=64)
-    return export_checkpoint(model, cfg, AutoTokenizer.from_pretrained(text_model_dir),
-                             tmp_path_factory.mktemp("ckpt") / "tiny.ckpt", kd_dim=64)
+    model = create_student(spec)
+    return export_checkpoint(model, spec, AutoTokenizer.from_pretrained(text_model_dir),
+                             tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")

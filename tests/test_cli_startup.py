@@ -40,3 +40,34 @@ def test_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("unialign: error:") and str(bad) in err[0], err
+
+
+LIBRARY_PROBE = """
+import sys
+import unialign
+unialign.load
+from unialign import model, losses, data
+import unialign.model.factory
+import unialign.config
+print("LOADED", [m for m in ("lightning", "webdataset") if m in sys.modules])
+"""
+
+
+def test_library_imports_without_lightning_or_webdataset(tmp_path):
+    """The library (`unialign.load`, model, losses, data, config) is usable without the `train` extra."""
+    out = subprocess.run([sys.executable, "-c", LIBRARY_PROBE], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("LOADED")), None)
+    assert line == "LOADED []", (line, out.stderr[-1000:])
+
+
+@pytest.mark.parametrize("missing", ["lightning", "webdataset"])
+@pytest.mark.parametrize("command", ["train", "teacher-cache"])
+def test_training_commands_without_the_train_extra_say_what_to_install(command, missing, monkeypatch, tmp_path):
+    from unialign.cli import main
+
+    monkeypatch.setitem(sys.modules, missing, None)  # what an absent package looks like to find_spec
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--config", str(tmp_path / "run.yaml"), "--output", str(tmp_path / "out")])
+    message = str(exit_info.value.code)
+    assert len(message.splitlines()) == 1 and "pip install unialign[train]" in message, message

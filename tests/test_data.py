@@ -29,10 +29,8 @@ from unialign.data import (
     Record,
     RecordStream,
     ResumableSampler,
-    RetrievalDataModule,
     build_image_transform,
     build_train_dataset,
-    build_webdataset,
     load_image,
     make_synthetic_karpathy,
     read_karpathy,
@@ -44,6 +42,7 @@ from unialign.data import (
 )
 from unialign.data.records import namespaced_id, read_source
 from unialign.data.synthetic import vocabulary
+from unialign.training.datamodule import RetrievalDataModule
 
 SIZE = 32
 MEAN = (0.5, 0.5, 0.5)
@@ -313,7 +312,8 @@ def test_webdataset_single_source_reads_every_pair(world: Path, world_json: Path
     urls = write_webdataset_shards(records, tmp_path, 4, caption_in=caption_in)  # type: ignore[arg-type]
     assert urls.endswith("shard-{000000..000002}.tar")
     source = WebDatasetSource(urls=urls, size=10)
-    ds = build_webdataset(source, train_tf, seed=0, shuffle_buffer=0)
+    ds = build_train_dataset([source], train_tf, seed=0, shuffle_buffer=0)
+    assert isinstance(ds, MixedIterableDataset)  # a shard source streams
     samples = list(ds)
     assert len(samples) == len(ds) == 10
     ns = source.namespace()
@@ -332,8 +332,8 @@ def test_image_ids_are_namespaced_by_source(world: Path, world_json: Path, train
     ids = []
     for name in ("cc3m", "cc12m"):
         urls = write_webdataset_shards(numbered, tmp_path / name, 3)  # type: ignore[arg-type]
-        ids.append({s["image_id"] for s in build_webdataset(WebDatasetSource(urls=urls, size=6), train_tf, seed=0,
-                                                             shuffle_buffer=0)})
+        ids.append({s["image_id"] for s in build_train_dataset([WebDatasetSource(urls=urls, size=6)], train_tf,
+                                                                seed=0, shuffle_buffer=0)})
     assert len(ids[0]) == len(ids[1]) == 3 and not ids[0] & ids[1]
     a = write_manifest(numbered, tmp_path / "a.jsonl")
     b = write_manifest(numbered, tmp_path / "b.jsonl")

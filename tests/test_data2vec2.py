@@ -225,19 +225,19 @@ def test_config_route_builds_trains_and_reloads(tmp_path, pixels, text_model_dir
     from transformers import AutoTokenizer
 
     from conftest import tiny_config_dict
-    from unialign.config import Config
+    from unialign.config import InferenceConfig, ModelConfig, Preprocess
     from unialign.model.factory import create_student, export_checkpoint, load
     from unialign.model.towers import Data2Vec2ImageTower
 
     sd = fake_fairseq_checkpoint(tmp_path / "d2v.pt")["model"]
     convert_fairseq_checkpoint(tmp_path / "d2v.pt", tmp_path / "d2v_converted.pt")
-    raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [{"type": "manifest", "path": "unused.jsonl"}])
-    raw["model"]["image"] = {"backend": "data2vec2", "checkpoint": str(tmp_path / "d2v_converted.pt"), "layers": 2,
-                             "freeze_layers": 1}
+    raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [])["model"]
+    raw["image"] = {"backend": "data2vec2", "checkpoint": str(tmp_path / "d2v_converted.pt"), "layers": 2,
+                    "freeze_layers": 1}
     with pytest.raises(ValueError, match=r"checkpoint is required with backend data2vec2 and pretrained true"):
-        Config.model_validate({**raw, "model": {**raw["model"], "image": {"backend": "data2vec2"}}})
-    cfg = Config.model_validate(raw)
-    model = create_student(cfg, kd_dim=64).train()
+        ModelConfig.model_validate({**raw, "image": {"backend": "data2vec2"}})
+    spec = InferenceConfig(model=ModelConfig.model_validate(raw), kd_dim=64, preprocess=Preprocess(image_size=32))
+    model = create_student(spec).train()
     tower = model.image_tower
     assert isinstance(tower, Data2Vec2ImageTower) and tower.num_blocks == 2
     with torch.no_grad():
@@ -254,7 +254,7 @@ def test_config_route_builds_trains_and_reloads(tmp_path, pixels, text_model_dir
     assert not no_grad and tower.model.blocks[1].attn.qkv.weight.grad.abs().sum() > 0
 
     # The exported checkpoint rebuilds the tower without the converted file.
-    path = export_checkpoint(model, cfg, AutoTokenizer.from_pretrained(text_model_dir), tmp_path / "m.ckpt", 64)
+    path = export_checkpoint(model, spec, AutoTokenizer.from_pretrained(text_model_dir), tmp_path / "m.ckpt")
     (tmp_path / "d2v_converted.pt").unlink()
     again, _, _ = load(path)
     with torch.no_grad():

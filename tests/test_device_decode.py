@@ -21,11 +21,12 @@ from transformers import AutoTokenizer
 
 from conftest import tiny_config_dict
 from unialign.config import ConfigError, DataConfig, ManifestSource, parse_config
-from unialign.data import Collator, RetrievalDataModule, build_image_transform, load_image
+from unialign.data import Collator, build_image_transform, load_image
 from unialign.data.datasets import make_sample
 from unialign.data.records import namespaced_id
 from unialign.data import device_decode
 from unialign.data.device_decode import DeviceDecodePlan, DeviceDecoder
+from unialign.training.datamodule import RetrievalDataModule
 from unialign.training.trainer import train
 
 SIZE = 32

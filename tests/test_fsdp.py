@@ -20,8 +20,9 @@ from torch import nn
 
 from conftest import tiny_config_dict
 from unialign.config import parse_config
-from unialign.data import RetrievalDataModule, make_synthetic_karpathy
+from unialign.data import make_synthetic_karpathy
 from unialign.model.factory import create_tokenizer
+from unialign.training.datamodule import RetrievalDataModule
 from unialign.training.module import SMKETraining
 
 WORLD = 2
@@ -36,7 +37,7 @@ class _Step(nn.Module):
         self.module = module
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.module._losses(batch)["loss"]
+        return self.module.task(batch)["loss"]
 
 
 def _module(raw: dict) -> SMKETraining:

@@ -234,7 +234,7 @@ def test_every_trained_parameter_gets_a_gradient(image_backend, kd, shared_depth
                        return_tensors="pt")
     batch = {"image": torch.randn(4, 3, size, size), "input_ids": tokens["input_ids"],
              "attention_mask": tokens["attention_mask"], "image_id": torch.arange(4)}
-    module._losses(batch)["loss"].backward()
+    module.task(batch)["loss"].backward()
     missing = [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
     assert (module.model.kd_head is None) == (kd == "none")

@@ -8,7 +8,6 @@ import argparse
 import errno
 import json
 import shutil
-import types
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,8 @@ from test_training import Crash, _config, world  # noqa: F401  (world: the same 
 from unialign.config import parse_config
 from unialign.files import WriteError, atomic_path, write_json_atomic
 from unialign.model.factory import CheckpointError, read_checkpoint
-from unialign.training.module import BadDataError, SMKETraining, bad_fraction_lower_bound
+from unialign.training.callbacks import BadDataError, BadSamples, bad_fraction_lower_bound
+from unialign.training.module import SMKETraining
 from unialign.training.trainer import CHECKPOINT_DIR, FINAL, LAST, SUMMARY, AtomicCheckpointIO, run_files, train
 
 
@@ -85,18 +85,16 @@ def test_periodic_and_resumed_runs_leave_no_versioned_or_temporary_files(world, 
 # ------------------------------------------------------------------ 3: bad-sample guard
 
 
-def _guard(max_bad_fraction: float) -> types.SimpleNamespace:
-    """What `_account_bad_samples` uses of the training module, without building one."""
-    return types.SimpleNamespace(samples_seen=0, samples_bad=0, output_dir=None, global_rank=0,
-                                 log=lambda *args, **kwargs: None,
-                                 cfg=types.SimpleNamespace(data=types.SimpleNamespace(max_bad_fraction=max_bad_fraction)))
+def _guard(max_bad_fraction: float) -> BadSamples:
+    """The training run's bad-sample callback, used without a trainer."""
+    return BadSamples(max_bad_fraction)
 
 
 def _feed(guard, batches: list[tuple[int, int]]) -> int:
     """Feed (good, bad) batches; the number of batches taken before the guard stopped (or all)."""
     for i, (good, bad) in enumerate(batches):
         try:
-            SMKETraining._account_bad_samples(guard, {"size": good, "n_skipped": bad})
+            guard.update({"size": good, "n_skipped": bad})
         except BadDataError:
             return i
     return len(batches)
@@ -121,7 +119,7 @@ def test_mostly_bad_data_still_stops_in_the_first_batches():
     assert 5 < stopped < 200
     with pytest.raises(BadDataError, match=r"5 of 8 training samples were unreadable .* confidence .* "
                                            r"data.max_bad_fraction=0.01"):
-        SMKETraining._account_bad_samples(_guard(0.01), {"size": 3, "n_skipped": 5})
+        _guard(0.01).update({"size": 3, "n_skipped": 5})
 
 
 def test_bad_fraction_lower_bound():

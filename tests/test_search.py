@@ -195,6 +195,36 @@ def test_embed_row_names_survive_a_newline_in_a_file_name(tiny_checkpoint, tmp_p
     assert f"row names in {tmp_path / 'x.jsonl'}" in capsys.readouterr().out
 
 
+def test_embed_and_index_build_take_the_same_image_files(tiny_checkpoint, tmp_path):
+    """`embed --images` and `index build --images` walk a folder with one suffix set (TIFF included)."""
+    from unialign.cli import main
+
+    folder = tmp_path / "imgs"
+    make_images(folder, ["red"])
+    draw("green").save(folder / "scan.tif")
+    draw("blue").save(folder / "PHOTO.TIFF")
+    (folder / "notes.txt").write_text("not an image\n")
+    main(["embed", "--checkpoint", str(tiny_checkpoint), "--images", str(folder), "--output",
+          str(tmp_path / "x.npy"), "--device", "cpu"])
+    names = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
+    assert names == [str(folder / n) for n in ("PHOTO.TIFF", "red_square.png", "scan.tif")]
+    assert np.load(tmp_path / "x.npy").shape[0] == 3
+    assert sorted(e.path for e in entries_from_folder(folder)) == sorted(names)
+
+
+def test_cli_manifest_images_is_the_root_of_its_relative_paths(tiny_checkpoint, tmp_path, capsys):
+    """With --manifest, --images names the folder the manifest's relative image paths start from."""
+    make_manifest(tmp_path / "data", ["red", "green"])
+    moved = tmp_path / "lists" / "manifest.jsonl"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "data" / "manifest.jsonl", moved)
+    _cli(["index", "build", "--checkpoint", str(tiny_checkpoint), "--manifest", str(moved),
+          "--images", str(tmp_path / "data"), "--output", str(tmp_path / "index"), "--device", "cpu", "--no-progress"])
+    assert "2 image(s) and 4 caption(s) embedded, 0 already indexed, 0 skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="give --images FOLDER or --manifest FILE"):
+        _cli(["index", "build", "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "index")])
+
+
 def test_interrupted_build_resumes_without_reembedding(tiny_checkpoint, tmp_path, monkeypatch, searcher_factory):
     images = make_images(tmp_path / "imgs", ["red", "green", "blue", "yellow", "purple", "orange"])
     entries = entries_from_folder(tmp_path / "imgs")
@@ -357,7 +387,7 @@ def test_cli_build_and_search(tiny_checkpoint, tmp_path, capsys, monkeypatch):
         f.write(json.dumps({"image": "img/broken.png", "caption": "a broken file"}) + "\n")
     monkeypatch.chdir(tmp_path)
     index = "index"  # relative paths, as typed at a shell
-    _cli(["index", "build", "--checkpoint", str(tiny_checkpoint), "--manifest", "manifest.jsonl", "--out", index,
+    _cli(["index", "build", "--checkpoint", str(tiny_checkpoint), "--manifest", "manifest.jsonl", "--output", index,
           "--device", "cpu", "--no-progress"])
     out, err = capsys.readouterr()
     assert "3 image(s) and 6 caption(s) embedded, 0 already indexed, 1 skipped" in out and "Flat (exact)" in out

@@ -25,10 +25,11 @@ from lightning.pytorch.callbacks import Callback
 from conftest import TINY_VIT, tiny_config_dict
 from unialign.config import KarpathySource, parse_config
 from unialign.data.records import read_source
-from unialign.data import RetrievalDataModule, make_synthetic_karpathy, read_karpathy, write_webdataset_shards
+from unialign.data import make_synthetic_karpathy, read_karpathy, write_webdataset_shards
 from unialign.model.factory import create_tokenizer
 from unialign.training.module import SMKETraining
 from unialign.training.cache_build import build_teacher_cache
+from unialign.training.datamodule import RetrievalDataModule
 from unialign.training.teacher_cache import TeacherCache, TeacherCacheError
 from unialign.training.trainer import train
 
@@ -125,9 +126,9 @@ def test_cached_targets_and_losses_equal_online(world, text_model_dir, teacher_c
         target = cached.teacher_cache.lookup(batch["image_id"])
         torch.testing.assert_close(target, online.teacher(batch["image"]), rtol=0, atol=1e-5)
         torch.manual_seed(i)  # same dropout masks
-        a = online._losses(batch)
+        a = online.task(batch)
         torch.manual_seed(i)
-        b = cached._losses({**batch, "teacher_target": target})
+        b = cached.task({**batch, "teacher_target": target})
         for key in ("loss", "itc", "itc_interm", "kd"):
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"step {i} {key}")
     torch.testing.assert_close(cached.kd.bank.targets, online.kd.bank.targets, rtol=0, atol=1e-5)
@@ -297,12 +298,12 @@ def test_compiled_step_matches_eager(world, text_model_dir, teacher_checkpoint, 
     dynamo.reset()
     start = time.perf_counter()
     try:
-        out = [compiled._losses(b) for b in batches]
+        out = [compiled.task(b) for b in batches]
         sum(o["loss"] for o in out).backward()
     except Exception as err:  # noqa: BLE001  # pragma: no cover - depends on the machine's compiler toolchain
         pytest.skip(f"torch.compile ({backend}) does not run here: {type(err).__name__}: {str(err)[:300]}")
     print(f"compile ({backend}) + 2 steps on CPU: {time.perf_counter() - start:.1f} s")
-    ref = [eager._losses(b) for b in batches]
+    ref = [eager.task(b) for b in batches]
     sum(r["loss"] for r in ref).backward()
     tol = {"rtol": 1e-5, "atol": 1e-6} if backend == "aot_eager" else {"rtol": 1e-4, "atol": 1e-5}
     for i, (o, r) in enumerate(zip(out, ref, strict=True)):
@@ -326,7 +327,7 @@ def test_fused_adamw_only_where_lightning_allows_it(world, text_model_dir, teach
                                                    monkeypatch):
     raw = _raw(world, text_model_dir, teacher_checkpoint, max_steps=1, precision="bf16-mixed", grad_clip=1.0)
     # Fused AdamW (it runs on CPU too) + clipping under mixed precision is what Lightning refuses ...
-    monkeypatch.setattr(SMKETraining, "_fused_adamw", lambda self: True)
+    monkeypatch.setattr(SMKETraining, "fused_adamw", lambda self: True)
     with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
         train(parse_config(raw), tmp_path / "fused")
     monkeypatch.undo()
@@ -338,7 +339,7 @@ def test_fused_adamw_only_where_lightning_allows_it(world, text_model_dir, teach
         module = SMKETraining(parse_config(cfg).model_dump(mode="json"))
         for device in (torch.device("cuda", 0), torch.device("cpu")):
             module._device = device  # what Lightning sets when it moves the module
-            assert module._fused_adamw() is fused, (precision, clip, device)
+            assert module.fused_adamw() is fused, (precision, clip, device)
     # A CPU run (bf16, no clipping) really steps with the fused kernel.
     raw["train"]["grad_clip"] = None
     probe = _OptimizerProbe()
@@ -380,7 +381,7 @@ def test_every_attention_uses_sdpa(world, text_model_dir, teacher_checkpoint, mo
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
     batch = _batches(cfg, 1)[0]
     with torch.no_grad():
-        module._losses(batch)
+        module.task(batch)
         beit(batch["image"])
     # image tower 2 + text tower 2 + shared block twice (image, text) + teacher 4 + BEiT teacher 4
     assert len(calls) == 2 + 2 + 2 + 4 + 4, len(calls)
@@ -427,10 +428,10 @@ def test_training_step_reads_no_device_values(world, text_model_dir, teacher_che
             if module.teacher_cache is not None:
                 batch["teacher_target"] = module.teacher_cache.lookup(batch["image_id"])
         for batch in batches[:2]:
-            module._losses(batch)["loss"].backward()
+            module.task(batch)["loss"].backward()
         assert len(module.kd.bank) == 12 and int(module.kd.bank.ptr) == 4  # full, wrapped
         with _SyncDetector() as detector:
-            module._losses(batches[2])["loss"].backward()
+            module.task(batches[2])["loss"].backward()
         ours = [c for c in detector.calls if "transformers/masking_utils.py" not in c]
         assert ours == [], "\n".join(ours)
 
@@ -456,7 +457,7 @@ def test_training_step_has_no_cuda_sync(world, text_model_dir, teacher_checkpoin
             torch.cuda.set_sync_debug_mode("error" if i == len(batches) - 1 else "default")
             try:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = module._losses(batch)["loss"]
+                    loss = module.task(batch)["loss"]
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

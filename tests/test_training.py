@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from conftest import tiny_config_dict
 from unialign.config import parse_config
 from unialign.data.synthetic import make_synthetic_karpathy
-from unialign.training.module import NO_DECAY_NAMES, BadDataError
+from unialign.model.smke import NO_DECAY_NAMES
+from unialign.training.callbacks import BadDataError
 from unialign.training.trainer import CHECKPOINT_DIR, FINAL, LAST, train
 
 
@@ -125,44 +126,6 @@ def test_resume_matches_uninterrupted_run(world, text_model_dir, teacher_checkpo
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
 
-
-
-def _as_old_checkpoint(path: Path) -> None:
-    """Rewrite a checkpoint as the code before FSDP support wrote it: 0-d logit scales and KD
-    temperature, so 0-d Adam moments for them too."""
-    ckpt = torch.load(path, weights_only=True)
-    former_scalars = [k for k in ckpt["state_dict"] if k.endswith(("logit_scale", "logit_scale_interm",
-                                                                    "log_inv_temperature"))]
-    assert len(former_scalars) == 3, former_scalars
-    for key in former_scalars:
-        ckpt["state_dict"][key] = ckpt["state_dict"][key].reshape(())
-    moments = [m for m in ckpt.get("optimizer_states", [{}])[0].get("state", {}).values() if m["exp_avg"].ndim == 1
-               and m["exp_avg"].numel() == 1]
-    for m in moments:
-        m["exp_avg"], m["exp_avg_sq"] = m["exp_avg"].reshape(()), m["exp_avg_sq"].reshape(())
-    torch.save(ckpt, path)
-
-
-def test_checkpoints_from_before_fsdp_support_load_and_resume(world, text_model_dir, teacher_checkpoint,
-                                                              tmp_path):
-    import unialign
-
-    raw = _config(world, text_model_dir, teacher_checkpoint, max_steps=4, checkpoint_every_steps=2)
-    raw["loss"]["kd_learnable_temperature"] = True
-    cfg = parse_config(raw)
-    train(cfg, tmp_path / "full")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg, tmp_path / "old", callbacks=[Crash(at_step=3)])
-    for ckpt in (tmp_path / "old" / CHECKPOINT_DIR).glob("*.ckpt"):
-        _as_old_checkpoint(ckpt)
-    train(cfg, tmp_path / "old", resume=True)
-    a = torch.load(tmp_path / "full" / CHECKPOINT_DIR / FINAL, weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "old" / CHECKPOINT_DIR / FINAL, weights_only=True)["state_dict"]
-    for name in a:
-        assert a[name].shape == b[name].shape and torch.allclose(a[name], b[name], atol=1e-5), name
-    _as_old_checkpoint(tmp_path / "full" / CHECKPOINT_DIR / FINAL)
-    model, _, _ = unialign.load(tmp_path / "full" / CHECKPOINT_DIR / FINAL)
-    assert model.logit_scale.shape == (1,) and torch.equal(model.logit_scale, a["model.logit_scale"])
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_fsdp_without_a_gpu_is_refused_before_any_work(world, text_model_dir, teacher_checkpoint, tmp_path):

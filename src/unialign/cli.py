@@ -13,6 +13,10 @@ from .files import atomic_path, write_text_atomic
 
 
 def _train(args: argparse.Namespace) -> None:
+    from importlib.util import find_spec
+
+    if find_spec("lightning") is None or find_spec("webdataset") is None:
+        raise SystemExit("unialign train needs the training extra (Lightning, webdataset): pip install unialign[train]")
     from .config import load_config
 
     cfg = load_config(args.config, args.set)  # a bad config fails before torch and Lightning load
@@ -26,6 +30,7 @@ def _train(args: argparse.Namespace) -> None:
 def _embed(args: argparse.Namespace) -> None:
     import numpy as np
 
+    from .data.images import IMAGE_SUFFIXES
     from .evaluation.encode import encode_images, encode_texts
     from .evaluation.run import default_device
     from .model.factory import load
@@ -38,8 +43,7 @@ def _embed(args: argparse.Namespace) -> None:
         root = Path(args.images)
         if not root.is_dir():
             raise SystemExit(f"--images {root} is not a directory")
-        suffixes = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
-        paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in suffixes)
+        paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise SystemExit(f"no image files under {root}")
         emb, kept, skipped = encode_images(model, preprocess, paths, args.batch_size, args.num_workers, device)
@@ -89,7 +93,11 @@ def _convert_data2vec2(args: argparse.Namespace) -> None:
 
 def _teacher_cache(args: argparse.Namespace) -> None:
     import json
+    from importlib.util import find_spec
 
+    if find_spec("lightning") is None or find_spec("webdataset") is None:
+        raise SystemExit("unialign teacher-cache needs the training extra (Lightning, webdataset): "
+                         "pip install unialign[train]")
     from .config import load_config
     from .training.cache_build import build_teacher_cache
     from .training.teacher_cache import META

@@ -3,11 +3,13 @@
 Every file unialign writes for later use (checkpoints, configs, summaries, reports, caches,
 indexes) goes through :func:`atomic_path`: the data is written under a temporary name in the
 same folder and renamed onto the final name only when the writer finished without error.
+:func:`file_sha256` is the one content hash of a file (checkpoints, asset sources).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -126,6 +128,24 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
         except FileNotFoundError:
             pass
     return removed
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, memoised per resolved path, size and mtime (checkpoints are
+    hundreds of MB and are hashed again by every index build, search and teacher-cache check)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

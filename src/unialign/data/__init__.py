@@ -1,7 +1,9 @@
-"""Data pipeline: records, decoding, augmentation, datasets, batching, resumable sampling."""
+"""Data pipeline: records, decoding, augmentation, datasets, batching, resumable sampling.
+
+Imports without Lightning; the LightningDataModule that wires these into training is
+:class:`unialign.training.datamodule.RetrievalDataModule`."""
 
 from unialign.data.collate import Collator
-from unialign.data.datamodule import RetrievalDataModule
 from unialign.data.datasets import (
     MixedIterableDataset,
     PairDataset,
@@ -9,7 +11,6 @@ from unialign.data.datasets import (
     ShardStream,
     bad_marker,
     build_train_dataset,
-    build_webdataset,
     is_bad,
 )
 from unialign.data.images import ImageLoadError, load_image
@@ -39,13 +40,11 @@ __all__ = [
     "RecordSet",
     "RecordStream",
     "ResumableSampler",
-    "RetrievalDataModule",
     "RetrievalSet",
     "ShardStream",
     "bad_marker",
     "build_image_transform",
     "build_train_dataset",
-    "build_webdataset",
     "derive_seed",
     "is_bad",
     "load_image",

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
-import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from unialign.config import WebDatasetSource
@@ -31,6 +30,17 @@ from unialign.data.records import DataError, Record, RecordSet, namespaced_id, s
 from unialign.data.sampler import derive_seed
 
 log = logging.getLogger(__name__)
+
+
+def webdataset() -> Any:
+    """The `webdataset` package, imported where shards are read or written: it comes with the
+    `train` extra, and the rest of the data pipeline works without it."""
+    try:
+        import webdataset as wds
+    except ImportError:
+        raise ImportError("webdataset shards need the webdataset package: pip install unialign[train]") from None
+    return wds
+
 
 # PIL image -> tensor, or (data.decode: device) a plan that leaves JPEG decoding to the device
 Transform = Callable[[Any], torch.Tensor] | DeviceDecodePlan
@@ -167,7 +177,7 @@ class ShardStream:
     """
 
     def __init__(self, source: WebDatasetSource, shuffle_buffer: int = 1000) -> None:
-        self.urls = wds.shardlists.expand_urls(source.urls)
+        self.urls = webdataset().shardlists.expand_urls(source.urls)
         if not self.urls:
             raise DataError(f"webdataset urls {source.urls!r}: expands to no shards")
         self.size = source.size
@@ -186,7 +196,7 @@ class ShardStream:
         for url in urls:
             n = 0
             try:
-                for sample in wds.tarfile_samples(iter([{"url": url}])):
+                for sample in webdataset().tarfile_samples(iter([{"url": url}])):
                     n += 1
                     yield sample
             except Exception as err:  # any reader failure is a bad shard, reported as data
@@ -201,7 +211,7 @@ class ShardStream:
         samples = self._read(_endless_share(seed, consumer, n_consumers, self._order))
         if self.shuffle_buffer <= 1:
             return samples
-        return wds.shuffle(self.shuffle_buffer, self.shuffle_buffer,
+        return webdataset().shuffle(self.shuffle_buffer, self.shuffle_buffer,
                            seed=derive_seed(seed, consumer, n_consumers))(samples)
 
     def pending(self, item: dict[str, Any]) -> Pending:
@@ -305,14 +315,6 @@ class MixedIterableDataset(IterableDataset):
             image, name, caption, image_id = pending
             yield make_sample(image, name, caption, image_id, self.transform, self.teacher_transform,
                               derive_seed(self.seed, epoch, consumer, n_consumers, position))
-
-
-def build_webdataset(source: WebDatasetSource, transform: Transform, teacher_transform: Transform | None = None,
-                     seed: int = 0, *, rank: int = 0, world_size: int = 1, batch_size: int = 1,
-                     shuffle_buffer: int = 1000) -> MixedIterableDataset:
-    """A single shard source as an iterable dataset of ``source.size // world_size`` samples per rank."""
-    return MixedIterableDataset([ShardStream(source, shuffle_buffer)], transform, teacher_transform,
-                                seed=seed, rank=rank, world_size=world_size, batch_size=batch_size)
 
 
 def build_train_dataset(sources: Sequence[RecordSet | WebDatasetSource], transform: Transform,

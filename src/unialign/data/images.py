@@ -11,6 +11,10 @@ from unialign.data.records import DataError
 
 _WHITE = (255, 255, 255, 255)
 
+# What counts as an image file wherever a folder is walked for images (`embed`, `index build`,
+# class-folder datasets): PIL decodes all of these.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
 
 class ImageLoadError(DataError):
     """An image that is missing, unreadable or not decodable."""

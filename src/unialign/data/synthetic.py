@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import webdataset as wds
 from PIL import Image, ImageDraw
 
 from unialign.data.records import Record
@@ -150,6 +149,9 @@ def write_webdataset_shards(records: Sequence[Record], out_dir: Path, pairs_per_
                             caption_in: Literal["txt", "json"] = "txt", prefix: str = "shard") -> str:
     """Write one tar member set per pair (``<key>.png|jpg`` + ``.txt`` or ``.json``
     {"caption", "image_id"}); returns the brace pattern of the shard paths."""
+    from unialign.data.datasets import webdataset
+
+    wds = webdataset()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = max(1, math.ceil(len(records) / pairs_per_shard))

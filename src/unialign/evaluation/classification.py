@@ -19,11 +19,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data.images import load_image
+from ..data.images import IMAGE_SUFFIXES, load_image
 from .models import EvalModel
 from .specs import FORMATS, EvalError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _TEMPLATES = resources.files("unialign.evaluation") / "templates"
 
 

@@ -67,7 +67,7 @@ def _common(p: argparse.ArgumentParser, model_flag: bool = True, batch_flag: boo
         p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _dataset_args(p: argparse.ArgumentParser, train: bool) -> None:
@@ -85,20 +85,21 @@ def _dataset_args(p: argparse.ArgumentParser, train: bool) -> None:
 
 @_friendly
 def _retrieval(args: argparse.Namespace) -> None:
+    from ..report import RECALL_KEYS
     from .models import load_eval_model
     from .run import evaluate_retrieval_model
 
     model = load_eval_model(args.model or args.checkpoint, args.device)
     result = evaluate_retrieval_model(model, args.karpathy, args.manifest, args.images, args.split,
-                                      args.dataset_name, args.batch_size, args.num_workers, args.progress,
+                                      args.dataset_name, args.batch_size, args.num_workers, not args.no_progress,
                                       args.max_missing_fraction)
     if args.checkpoint:
         result["checkpoint"] = str(args.checkpoint)
-    _finish(result, args, ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"))
+    _finish(result, args, RECALL_KEYS)
 
 
 def register_retrieval(eval_subparsers: argparse._SubParsersAction) -> None:
-    """`unialign eval retrieval`: a superset of the original flags (--checkpoint + --karpathy still work)."""
+    """`unialign eval retrieval`: a unialign --checkpoint or any --model, on a Karpathy split or a manifest."""
     r = eval_subparsers.add_parser("retrieval", help="image-text retrieval recall@K (Karpathy split or manifest)")
     which = r.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="unialign checkpoint")
@@ -126,7 +127,7 @@ def _zeroshot(args: argparse.Namespace) -> None:
 
     result = evaluate_zeroshot(load_eval_model(args.model, args.device), args.dataset, args.format, args.split,
                                args.class_map, args.templates, args.dataset_name, args.batch_size,
-                               args.num_workers, args.progress)
+                               args.num_workers, not args.no_progress)
     _finish(result, args, ("top1", "top5", "mean_per_class_recall"))
 
 
@@ -139,7 +140,7 @@ def _linear_probe(args: argparse.Namespace) -> None:
                                    args.dataset, args.format, args.class_map, args.val_fraction,
                                    max_iter=args.max_iter, dataset_name=args.dataset_name,
                                    batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
-                                   progress=args.progress)
+                                   progress=not args.no_progress)
     _finish(result, args, ("top1", "top5", "mean_per_class_recall", "l2"))
 
 
@@ -171,7 +172,7 @@ def _finetune_image(args: argparse.Namespace) -> None:
     cfg = _finetune_config(args, FinetuneConfig())
     result = finetune_image(args.checkpoint, args.train_dataset or args.dataset, args.dataset, args.format,
                             args.class_map, cfg, tuple(args.train_scale), args.dataset_name, args.num_workers,
-                            args.device, args.progress)
+                            args.device, not args.no_progress)
     _finish(result, args, ("top1", "top5", "mean_per_class_recall"))
 
 
@@ -180,7 +181,7 @@ def _glue(args: argparse.Namespace) -> None:
     from .glue import finetune_glue
 
     result = finetune_glue(args.checkpoint, args.data, args.glue_task, _finetune_config(args, GLUE_DEFAULTS),
-                           args.max_length, args.dropout, args.num_workers, args.device, args.progress)
+                           args.max_length, args.dropout, args.num_workers, args.device, not args.no_progress)
     for split, metrics in result["metrics"].items():
         print(f"{args.glue_task} {split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     _finish(result, args, ("score",))

@@ -22,26 +22,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from ..config import Config
-from ..data.transforms import build_image_transform
-from ..model.factory import load, read_checkpoint
-from ..model.smke import SMKE
-from ..training.module import NO_DECAY_NAMES
+from ..model.factory import load_model
+from ..model.smke import IMAGE, SMKE, no_weight_decay_names, param_groups
 from .classification import (ClassificationSet, LabelledImages, classification_metrics, collate_labelled,
                              default_dataset_name, read_classification)
 from .run import default_device, result_header
 from .specs import EvalError, FinetuneConfig
 
 log = logging.getLogger(__name__)
-
-
-def shared_tokens(model: SMKE, tokens: torch.Tensor, modality: int, attn_mask: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """The shared block(s)' full token output; `SMKE` exposes only the CLS embeddings, heads need all tokens."""
-    tokens = tokens + model.token_type_scale(model.token_type.weight[modality])
-    for block in model.shared:
-        tokens, _ = block(tokens, attn_mask)
-    return tokens
 
 
 def _prefix_tokens(tower: nn.Module) -> int:
@@ -62,24 +50,13 @@ class ImageClassifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        tokens = shared_tokens(self.smke, self.smke.image_tower(pixels), modality=1)
+        tokens, _ = self.smke.forward_tokens(self.smke.image_tower(pixels), IMAGE)
         return self.head(self.norm(tokens[:, self.n_prefix:].mean(dim=1)))
 
     def trainable(self) -> Iterable[tuple[str, nn.Parameter]]:
         """The image path only: the text tower and the KD head get no gradient here."""
         skip = ("smke.text_tower.", "smke.text_proj.", "smke.kd_head.", "smke.logit_scale")
         return ((n, p) for n, p in self.named_parameters() if not n.startswith(skip))
-
-
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only; biases, norms, embeddings and tokens get none (the training rule)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, p in named:
-        if p.requires_grad:
-            exempt = p.ndim < 2 or any(key in name for key in NO_DECAY_NAMES)
-            (no_decay if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def fit(module: nn.Module, named_params: Iterable[tuple[str, nn.Parameter]], loader: DataLoader,
@@ -89,7 +66,9 @@ def fit(module: nn.Module, named_params: Iterable[tuple[str, nn.Parameter]], loa
 
     `loss_of(batch)` returns None for a batch with nothing usable (all its images unreadable).
     """
-    opt = torch.optim.AdamW(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    # The training rule: no weight decay on biases, norms, scales, embeddings and tokens.
+    groups = param_groups(named_params, cfg.weight_decay, no_weight_decay_names(module))
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     total = cfg.epochs * len(loader)
     make_schedule = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_linear_schedule_with_warmup
     sched = make_schedule(opt, int(cfg.warmup_fraction * total), total)
@@ -145,10 +124,9 @@ def finetune_image(checkpoint: str | Path, train_dataset: str | Path, test_datas
     test = read_classification(test_dataset, fmt, "test", class_map)
     if train.classes != test.classes:
         raise EvalError(f"train {train.source} and test {test.source} have different classes")
-    smke, eval_transform, _ = load(checkpoint, device=dev)
-    data_cfg = Config.model_validate(read_checkpoint(checkpoint)["hyper_parameters"]["config"]).data
-    train_transform = build_image_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std, train=True,
-                                            scale=train_scale, interpolation=data_cfg.interpolation)
+    smke, card = load_model(checkpoint, device=dev)  # one read: weights and preprocessing
+    eval_transform = card.preprocess.transform()
+    train_transform = card.preprocess.transform(train=True, scale=train_scale)
     module = ImageClassifier(smke, len(train.classes)).to(dev)
     train_loader = _image_loader(train, train_transform, cfg.batch_size, True, num_workers, cfg.seed)
     test_loader = _image_loader(test, eval_transform, cfg.batch_size, False, num_workers, cfg.seed)

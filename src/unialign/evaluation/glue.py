@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..model.factory import load
-from ..model.smke import SMKE
-from .finetune import fit, shared_tokens
+from ..model.smke import SMKE, TEXT
+from .finetune import fit
 from .specs import GLUE_DEFAULTS, GLUE_TASKS, EvalError, FinetuneConfig, GlueTask
 from .run import default_device, result_header
 
@@ -112,11 +112,10 @@ class TextClassifier(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        # the HF model itself, not TextTower.forward, which passes no segment ids
-        encoder = cast(nn.Module, self.smke.text_tower.model)
-        hidden = encoder(**tokens).last_hidden_state
+        hidden = self.smke.text_tower(tokens["input_ids"], tokens["attention_mask"], tokens.get("token_type_ids"))
         keep = tokens["attention_mask"].bool()[:, None, None, :]
-        cls = shared_tokens(self.smke, self.smke.text_proj(hidden), modality=0, attn_mask=keep)[:, 0]
+        out, _ = self.smke.forward_tokens(self.smke.text_proj(hidden), TEXT, keep)
+        cls = out[:, 0]
         return self.head(self.dropout(torch.tanh(self.pooler(cls))))
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:

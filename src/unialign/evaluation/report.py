@@ -4,21 +4,19 @@ Every eval writer puts `task`, `model` and `dataset` in its JSON; rows of a tabl
 models, columns datasets, and the paper's numbers (shipped in `data/paper_results.json`,
 copied from the paper) follow as extra rows, so a reproduction can be read against the
 paper at a glance. A result evaluated on a gallery of another size than the paper's
-protocol (COCO 5K, Flickr30K 1K) is flagged, never silently compared.
+protocol (COCO 5K, Flickr30K 1K) is flagged, never silently compared. The tables, the
+recall@K plot and the report files are made by `unialign.report`, as the demo's are.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..files import atomic_path, write_json_atomic, write_text_atomic
+from ..report import Curve, markdown_table, plot_recall_curves, write_report_files
 from .specs import GLUE_TASKS, EvalError
-
-log = logging.getLogger(__name__)
 
 TASKS = ("retrieval", "zeroshot", "linear_probe", "finetune_image", "glue")
 KS = (1, 5, 10)
@@ -118,11 +116,6 @@ def _ordered(names: set[str], known: Sequence[str]) -> list[str]:
     return [n for n in known if n in names] + sorted(names - set(known))
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def _models(table: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(model for model, _ in table))  # first-seen order
 
@@ -161,7 +154,7 @@ def retrieval_section(results: list[dict[str, Any]], published: dict[str, Any]) 
         rows.append(row)
     text = ("## Image-text retrieval\n\nR@1/R@5/R@10 in percent; TR = image->text, IR = text->image "
             "(Karpathy test splits); * marks a gallery of another size than the paper's (see Notes). "
-            "Rows in _italics_ are the paper's published numbers.\n\n" + _markdown_table(header, rows))
+            "Rows in _italics_ are the paper's published numbers.\n\n" + markdown_table(header, rows))
     return text, notes
 
 
@@ -183,7 +176,7 @@ def _classification_section(results: list[dict[str, Any]], published: dict[str, 
         rows.append([f"_{entry['model']}_"] + [f"{_num(entry[d]['top1'])} / -" if d in entry else ""
                                               for d in datasets])
     text = (f"## {title}\n\n{what} Cells: top-1 / top-5 accuracy in percent; _italics_: the paper.\n\n"
-            + _markdown_table(header, rows))
+            + markdown_table(header, rows))
     return text, notes
 
 
@@ -209,55 +202,20 @@ def glue_section(results: list[dict[str, Any]], published: dict[str, Any]) -> tu
     text = ("## GLUE (text encoder fine-tuned)\n\nDev-set task scores in percent: MCC (CoLA), mean of "
             "Pearson and Spearman (STS-B), mean of F1 and accuracy (MRPC, QQP), mean of matched and "
             "mismatched accuracy (MNLI), accuracy otherwise; the GLUE score is their mean over the tasks "
-            "run (count in brackets).\n\n" + _markdown_table(header, rows))
+            "run (count in brackets).\n\n" + markdown_table(header, rows))
     return text, notes
 
 
-def plot_recalls(results: list[dict[str, Any]], published: dict[str, Any], path: Path) -> bool:
-    """Recall@K curves (TR solid, IR dashed) per retrieval dataset; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install 'unialign[eval]'): no recall@K plot")
-        return False
+def recall_curves(results: list[dict[str, Any]], published: dict[str, Any]) -> list[tuple[str, list[Curve]]]:
+    """The recall@K plot's panels: one per retrieval dataset, measured curves then the paper's."""
     table, _ = _index(results, "retrieval")
     curves: list[tuple[str, str, dict[str, Any], bool]] = [(m, d, r, False) for (m, d), r in table.items()]
     curves += [(e["model"], d, e[d], True) for e in published.get("retrieval", []) for d in RETRIEVAL_PROTOCOL
                if d in e]
     datasets = _ordered({d for _, d, _, _ in curves}, list(RETRIEVAL_PROTOCOL))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 7), squeeze=False)
-    colors: dict[str, Any] = {}
-    for ax, dataset in zip(axes[0], datasets):
-        for model, d, metrics, paper in curves:
-            if d != dataset:
-                continue
-            color = colors.setdefault(model, f"C{len(colors) % 10}")
-            for side, style in (("txt", "-"), ("img", "--")):
-                points = [(k, metrics.get(f"{side}_r{k}")) for k in KS]
-                points = [(k, v) for k, v in points if v is not None]
-                ax.plot([k for k, _ in points], [v for _, v in points], style, color=color,
-                        marker="s" if paper else "o", alpha=0.55 if paper else 1.0,
-                        label=f"{model} {'TR' if side == 'txt' else 'IR'}")
-        ax.set_title(RETRIEVAL_PROTOCOL.get(dataset, (dataset, None))[0])
-        ax.set_xlabel("K")
-        ax.set_ylabel("recall@K (%)")
-        ax.set_xticks(list(KS))
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-    legend: dict[str, Any] = {}  # one legend under all panels, so no curve is hidden behind it
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.legend(handles=list(legend.values()), labels=list(legend), loc="lower center", ncol=2, fontsize=7,
-               frameon=False)
-    fig.tight_layout(rect=(0, 0.02 + 0.028 * ((len(legend) + 1) // 2), 1, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format=path.suffix.lstrip("."))
-    plt.close(fig)
-    return True
+    return [(RETRIEVAL_PROTOCOL.get(dataset, (dataset, None))[0],
+             [(model, metrics, paper) for model, d, metrics, paper in curves if d == dataset])
+            for dataset in datasets]
 
 
 def build_report(result_files: Sequence[str | Path], output: str | Path) -> dict[str, Any]:
@@ -278,7 +236,7 @@ def build_report(result_files: Sequence[str | Path], output: str | Path) -> dict
         glue_section(results, published),
     ]
     notes = [n for _, section_notes in sections for n in section_notes]
-    plotted = plot_recalls(results, published, out / "recall_at_k.png")
+    plotted = plot_recall_curves(recall_curves(results, published), out / "recall_at_k.png", KS)
     lines = ["# unialign evaluation report", "",
              f"Merged from {len(result_files)} result file(s). Published numbers: {published['source']}", ""]
     for text, _ in sections:
@@ -289,8 +247,7 @@ def build_report(result_files: Sequence[str | Path], output: str | Path) -> dict
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Result files", ""] + [f"- `{r['file']}`: {r['task']}, {r['model']} on {r['dataset']}"
                                         for r in results]
-    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     report = {"results": results, "published": published, "notes": notes,
               "files": {"markdown": "report.md", "plot": "recall_at_k.png" if plotted else None}}
-    write_json_atomic(out / "report.json", report)
+    write_report_files(out, lines, report)
     return report

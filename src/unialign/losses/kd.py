@@ -61,13 +61,8 @@ class ContrastiveDistillationLoss(nn.Module):
         if self.learnable_temperature:
             self.log_inv_temperature.clamp_(0.0, _MAX_LOG_INV_TEMPERATURE)
 
-    def forward(
-        self,
-        student_image: Tensor,
-        student_text: Tensor,
-        teacher_targets: Tensor,
-        image_ids: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, student_image: Tensor, student_text: Tensor, teacher_targets: Tensor,
+                image_ids: Tensor | None = None) -> Tensor:
         """Loss for ``(B, D)`` student outputs and teacher targets (normalised here)."""
         rank, _ = world_info()
         batch = teacher_targets.shape[0]
@@ -106,13 +101,8 @@ class MSEDistillationLoss(nn.Module):
     DDP-averaged gradient already equals the big-batch gradient.
     """
 
-    def forward(
-        self,
-        student_image: Tensor,
-        student_text: Tensor,
-        teacher_targets: Tensor,
-        image_ids: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, student_image: Tensor, student_text: Tensor, teacher_targets: Tensor,
+                image_ids: Tensor | None = None) -> Tensor:
         """Return ``(MSE(image) + MSE(text)) / 2``; ``image_ids`` is accepted for API parity."""
         target = F.normalize(teacher_targets.detach().float(), dim=-1)
         loss_img = F.mse_loss(F.normalize(student_image.float(), dim=-1), target)

@@ -39,10 +39,6 @@ class MemoryBank(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._host = None
 
-    def resync(self) -> None:
-        """Re-read ``count``/``ptr`` from the buffers after writing them directly."""
-        self._host = None
-
     def _count_ptr(self) -> tuple[int, int]:
         if self._host is None:
             self._host = (int(self.count.item()), int(self.ptr.item()))

@@ -1,4 +1,7 @@
-"""One place that turns a config (or a checkpoint) into a model, its transform and tokenizer."""
+"""One place that turns a config (or a checkpoint) into a model, its transform and tokenizer.
+
+A checkpoint carries its inference contract (:class:`~unialign.config.InferenceConfig`: architecture,
+preprocessing, tokenizer), so :func:`load` needs neither the training config nor the network."""
 
 from __future__ import annotations
 
@@ -9,9 +12,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from pydantic import ValidationError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..config import Config
+from ..config import Config, InferenceConfig
 from ..files import torch_save_atomic
 from .smke import SMKE
 from .towers import TextTower, build_image_tower
@@ -31,34 +35,47 @@ class TextTokenizer:
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
 
-def create_student(cfg: Config, kd_dim: int | None, tower_meta: dict[str, Any] | None = None) -> SMKE:
-    """Build the trainable model; with `tower_meta` (from a checkpoint) no weights are fetched."""
-    m = cfg.model
-    pretrained = tower_meta is None
+def _inference(spec: Config | InferenceConfig, kd_dim: int | None) -> InferenceConfig:
+    return spec if isinstance(spec, InferenceConfig) else InferenceConfig.from_config(spec, kd_dim)
+
+
+def create_student(spec: Config | InferenceConfig, kd_dim: int | None = None) -> SMKE:
+    """Build the trainable model from a run's config and the teacher's width `kd_dim` (None: no
+    distillation head), or from an :class:`InferenceConfig` (which carries its own `kd_dim`).
+    Pretrained tower weights are fetched as the model section says."""
+    return _build(_inference(spec, kd_dim), pretrained=True)
+
+
+def _build(card: InferenceConfig, pretrained: bool) -> SMKE:
+    """The model `card` describes; without `pretrained` the towers are built from the card's stored
+    shapes (or, for timm, the name and kwargs) and no weights are fetched."""
+    m = card.model
     image = build_image_tower(m.image.backend, m.image.name, pretrained and m.image.pretrained,
                               m.image.checkpoint if pretrained else None, m.image.layers, m.image.kwargs,
-                              hf_config=(tower_meta or {}).get("image_hf_config"))
+                              hf_config=None if pretrained else card.image_hf_config)
     text = TextTower(m.text.name, pretrained and m.text.pretrained, m.text.layers,
-                     hf_config=(tower_meta or {}).get("text_hf_config"), dropout=m.text.dropout)
+                     hf_config=None if pretrained else card.text_hf_config, dropout=m.text.dropout)
     model = SMKE(image, text, shared_depth=m.shared.depth, num_heads=m.shared.num_heads,
                  mlp_ratio=m.shared.mlp_ratio, layer_scale_init=m.shared.layer_scale_init,
-                 token_type_scale_init=m.shared.token_type_scale_init, kd_dim=kd_dim,
-                 interm_logit_scale=cfg.loss.itc_interm, text_pool=m.text.pool, head=m.head)
+                 token_type_scale_init=m.shared.token_type_scale_init, kd_dim=card.kd_dim,
+                 interm_logit_scale=card.itc_interm, text_pool=m.text.pool, head=m.head)
     model.freeze(m.image.freeze_layers, m.text.freeze_layers)
     return model
 
 
-def tower_meta(model: SMKE, tokenizer: PreTrainedTokenizerBase, kd_dim: int | None) -> dict[str, Any]:
-    """What a checkpoint needs to rebuild the model offline: tower configs and tokenizer files."""
+def inference_config(model: SMKE, spec: Config | InferenceConfig, tokenizer: PreTrainedTokenizerBase,
+                     kd_dim: int | None = None) -> InferenceConfig:
+    """The inference contract a checkpoint of `model` carries: `spec`'s architecture and
+    preprocessing (a run config with the teacher's width `kd_dim`, or an InferenceConfig),
+    completed with the built towers' shapes and the tokenizer's files."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
-    return {
+    return _inference(spec, kd_dim).model_copy(update={
         "image_hf_config": model.image_tower.hf_config,
         "text_hf_config": model.text_tower.hf_config,
         "tokenizer_files": files,
-        "kd_dim": kd_dim,
-    }
+    })
 
 
 def tokenizer_from_files(files: dict[str, bytes]) -> PreTrainedTokenizerBase:
@@ -73,10 +90,10 @@ def create_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
 
 
 def eval_transform(cfg: Config) -> Callable:
-    from ..data.transforms import build_image_transform
+    """The eval transform of a run's data section (what :func:`load` gives for its checkpoints)."""
+    from ..config import Preprocess
 
-    d = cfg.data
-    return build_image_transform(d.image_size, d.mean, d.std, train=False, interpolation=d.interpolation)
+    return Preprocess.from_data(cfg.data).transform()
 
 
 class CheckpointError(ValueError):
@@ -147,37 +164,32 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     ckpt = load_checkpoint_file(path, weights_only=True)  # no code runs from a checkpoint
     if not isinstance(ckpt, dict) or "unialign" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a unialign training checkpoint (no 'unialign' metadata)")
-    return upgrade_checkpoint(ckpt)
-
-
-# Parameters that were 0-d before they became (1,)-shaped for FSDP, which cannot shard 0-d ones.
-_FORMER_SCALARS = ("logit_scale", "logit_scale_interm", "log_inv_temperature")
-
-
-def upgrade_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """Read checkpoints written before the logit scales and the KD temperature became (1,)-shaped:
-    their weights, and their Adam moments (a 0-d moment can only belong to one of them), are
-    reshaped in place; ``step`` counters stay 0-d."""
-    state = ckpt.get("state_dict", {})
-    for key, value in state.items():
-        if key.rsplit(".", 1)[-1] in _FORMER_SCALARS and value.ndim == 0:
-            state[key] = value.reshape(1)
-    for optimizer in ckpt.get("optimizer_states", []):
-        for moments in optimizer.get("state", {}).values():
-            for name, value in moments.items():
-                if name != "step" and isinstance(value, torch.Tensor) and value.ndim == 0:
-                    moments[name] = value.reshape(1)
     return ckpt
 
 
-def export_checkpoint(model: SMKE, cfg: Config, tokenizer: PreTrainedTokenizerBase, path: str | Path,
-                      kd_dim: int | None = None) -> Path:
-    """Write an inference checkpoint (weights + config + tower metadata) that `load` reads."""
-    ckpt = {
+def checkpoint_inference_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> InferenceConfig:
+    """The inference contract stored in a checkpoint read by :func:`read_checkpoint`."""
+    try:
+        return InferenceConfig.from_checkpoint(ckpt["unialign"])
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise CheckpointError(f"cannot read checkpoint {path}: its inference config is not valid "
+                              f"({where}: {first['msg']}; written by another unialign version?)") from None
+
+
+def export_checkpoint(model: SMKE, spec: Config | InferenceConfig, tokenizer: PreTrainedTokenizerBase,
+                      path: str | Path, kd_dim: int | None = None) -> Path:
+    """Write an inference checkpoint (weights + inference contract) that `load` reads.
+
+    `spec` is the run's config (with the teacher's width `kd_dim`; it is stored too, for the
+    record) or an :class:`InferenceConfig`."""
+    ckpt: dict[str, Any] = {
         "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-        "hyper_parameters": {"config": cfg.model_dump(mode="json")},
-        "unialign": tower_meta(model, tokenizer, kd_dim),
+        "unialign": inference_config(model, spec, tokenizer, kd_dim).to_checkpoint(),
     }
+    if isinstance(spec, Config):
+        ckpt["hyper_parameters"] = {"config": spec.model_dump(mode="json")}
     torch_save_atomic(ckpt, path)
     return Path(path)
 
@@ -188,18 +200,21 @@ def student_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[SMKE, InferenceConfig]:
+    """The trained model (in eval mode, on `device`) and its inference contract, reading the file once."""
+    ckpt = read_checkpoint(checkpoint)
+    card = checkpoint_inference_config(ckpt, checkpoint)
+    model = _build(card, pretrained=False)
+    model.load_state_dict(student_state_dict(ckpt))
+    return model.to(device).eval(), card
+
+
 def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[SMKE, Callable, TextTokenizer]:
     """Load a trained model for inference: ``model, preprocess, tokenizer = unialign.load(ckpt)``.
 
-    Needs no network: tower shapes and tokenizer files travel inside the checkpoint.
+    Needs no network and no training config: architecture, preprocessing and tokenizer files
+    travel inside the checkpoint (its :class:`InferenceConfig`).
     """
-    ckpt = read_checkpoint(checkpoint)
-    cfg = Config.model_validate(ckpt["hyper_parameters"]["config"])
-    meta = ckpt["unialign"]
-    model = create_student(cfg, meta["kd_dim"], tower_meta=meta)
-    state = student_state_dict(ckpt)
-    if model.kd_head is None:  # checkpoints of runs without KD once carried an unused head
-        state = {k: v for k, v in state.items() if not k.startswith("kd_head.")}
-    model.load_state_dict(state)
-    tokenizer = TextTokenizer(tokenizer_from_files(meta["tokenizer_files"]), cfg.model.text.max_length)
-    return model.to(device).eval(), eval_transform(cfg), tokenizer
+    model, card = load_model(checkpoint, device)
+    tokenizer = TextTokenizer(tokenizer_from_files(card.tokenizer_files), card.max_length)
+    return model, card.preprocess.transform(), tokenizer

@@ -7,8 +7,9 @@ so retrieval embeddings of each modality can be computed and indexed on their ow
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,38 @@ from .towers import freeze_tower, frozen_modules, layer_depth
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100)
+TEXT, IMAGE = 0, 1  # the token-type (modality) ids of `SMKE.forward_tokens`
+
+# Parameter names that get no weight decay besides 1-d tensors (biases, norms, scales): embeddings.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "embeddings", "token_type", "reg_token")
+
+
+def no_weight_decay_names(module: nn.Module | None, prefix: str = "") -> set[str]:
+    """Names (with `prefix`) of the parameters the weight-decay rule exempts, judged on their shapes
+    now: 1-d tensors (biases, norms, scales) and embeddings/tokens (`NO_DECAY_NAMES`)."""
+    if module is None:
+        return set()
+    return {prefix + name for name, p in module.named_parameters()
+            if p.ndim < 2 or any(key in name for key in NO_DECAY_NAMES)}
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, no_decay: Collection[str],
+                 lr: float | None = None, lr_scales: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters in `named` (timm's `param_groups_weight_decay`): one
+    per (weight decay or not, learning-rate multiplier) pair, decayed first, then by multiplier.
+
+    Names in `no_decay` get no weight decay. It is a set decided beforehand (`SMKE.no_weight_decay`,
+    `no_weight_decay_names`), not looked up on the shapes here: once FSDP has wrapped a model every
+    parameter shows as a 1-d shard. With `lr`, each group has its rate, `lr` times its multiplier
+    from `lr_scales` (1 for names not in it)."""
+    scales = lr_scales or {}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, param in named:
+        if param.requires_grad:
+            groups.setdefault((name not in no_decay, scales.get(name, 1.0)), []).append(param)
+    order = sorted(groups, key=lambda key: (not key[0], -key[1]))
+    return [{"params": groups[key], "weight_decay": weight_decay if key[0] else 0.0,
+             **({} if lr is None else {"lr": lr * key[1]})} for key in order]
 
 
 class SharedBlock(nn.Module):
@@ -85,6 +118,9 @@ class SMKE(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
         self.logit_scale_interm = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT)) if interm_logit_scale else None
         self._init_new_parts()
+        # Decided here, on the real shapes: once FSDP has wrapped the model (use_orig_params),
+        # every parameter shows as a 1-d view of its shard, and ndim would say "no decay" for all.
+        self._no_decay = frozenset(no_weight_decay_names(self))
 
     def _init_new_parts(self) -> None:
         """normal(0, 0.02) for every new weight; the pretrained towers are left untouched."""
@@ -127,13 +163,29 @@ class SMKE(nn.Module):
             scales[name] = scale
         return scales
 
-    def _shared(self, tokens: torch.Tensor, modality: int, attn_mask: torch.Tensor | None) -> Embeddings:
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters that get no weight decay (timm's `no_weight_decay`, with the 1-d ones
+        included): biases, norms, scales, embeddings and tokens, judged on the shapes at construction."""
+        return set(self._no_decay)
+
+    def forward_tokens(self, tokens: torch.Tensor, modality: int, attn_mask: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The shared block(s) over one modality's token sequence (the level of timm's `forward_features`).
+
+        `tokens`: a tower's output at the shared width (text after `text_proj`), CLS first;
+        `modality`: `TEXT` (0) or `IMAGE` (1); `attn_mask`: (B, 1, 1, L) bool, True where attended.
+        Returns the full output sequence and the CLS of the last block's first MLP layer (pre-GELU,
+        un-normalised; None without a shared block)."""
         tokens = tokens + self.token_type_scale(self.token_type.weight[modality])
         interm = None
         for block in self.shared:
             tokens, interm = block(tokens, attn_mask)
+        return tokens, interm
+
+    def _embeddings(self, tokens: torch.Tensor, modality: int, attn_mask: torch.Tensor | None) -> Embeddings:
+        tokens, interm = self.forward_tokens(tokens, modality, attn_mask)
         cls = tokens[:, 0]
-        head = self.image_head if modality == 1 else self.text_head
+        head = self.image_head if modality == IMAGE else self.text_head
         return Embeddings(
             embedding=F.normalize(head(cls) if head is not None else cls, dim=-1),
             interm=F.normalize(interm, dim=-1) if interm is not None else None,
@@ -141,7 +193,7 @@ class SMKE(nn.Module):
         )
 
     def image_embeddings(self, pixels: torch.Tensor) -> Embeddings:
-        return self._shared(self.image_tower(pixels), 1, None)
+        return self._embeddings(self.image_tower(pixels), IMAGE, None)
 
     def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Embeddings:
         tokens = self.text_proj(self.text_tower(input_ids, attention_mask))
@@ -150,7 +202,7 @@ class SMKE(nn.Module):
             mean = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1)
             tokens = torch.cat([mean[:, None], tokens[:, 1:]], dim=1)
         keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): padding never attended
-        return self._shared(tokens, 0, keep)
+        return self._embeddings(tokens, TEXT, keep)
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> tuple[Embeddings, Embeddings]:

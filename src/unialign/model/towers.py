@@ -265,14 +265,18 @@ class TextTower(nn.Module):
         self.num_blocks = int(model.config.num_hidden_layers)
         self.hf_config = model.config.to_dict()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The token sequence (CLS first) after the kept layers. `token_type_ids`: BERT's segment ids,
+        for sentence pairs (GLUE); left out, every token is in segment 0."""
         # A ready 4-D mask: given a 2-D one, transformers reads it on the host to see whether it
         # can be dropped (a device sync every step and a graph break under torch.compile).
         if self.model.config._attn_implementation == "sdpa":
             mask = attention_mask.bool()[:, None, None, :]
         else:
             mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=mask, **segments).last_hidden_state
 
 
 @contextmanager

@@ -103,9 +103,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, object]]:
     return {code: {"model": ErrorBody} for code in codes}
 
 
-class SecurityHeaders:
-    """Headers on every response: no MIME sniffing, no referrer leaks, and a CSP that allows
-    only the page's own files (the page has no inline script)."""
+class _HTTPMiddleware:
+    """An ASGI middleware that acts on HTTP requests only (lifespan and websocket pass through)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -113,7 +112,18 @@ class SecurityHeaders:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
-            return
+        else:
+            await self.http(scope, receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class SecurityHeaders(_HTTPMiddleware):
+    """Headers on every response: no MIME sniffing, no referrer leaks, and a CSP that allows
+    only the page's own files (the page has no inline script)."""
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         page = not scope["path"].startswith(("/api/", "/docs", "/redoc", "/openapi"))
 
         async def send_with_headers(message: Message) -> None:
@@ -130,18 +140,12 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-class JSONErrors:
+class JSONErrors(_HTTPMiddleware):
     """Turns the plain-text error responses that Starlette's middleware sends on its own (413 from
     the body limits, 400 from the Host check) into JSON ``{"detail": ...}`` like every other error.
     Wraps the whole middleware stack, so it also sees the app-wide body limit's answer."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         start: Message | None = None
         chunks: list[bytes] = []
 

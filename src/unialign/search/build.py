@@ -16,9 +16,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from ..data.images import IMAGE_SUFFIXES
 from ..data.records import read_manifest, stable_id
 from ..evaluation.encode import encode_images, encode_texts
 from ..evaluation.run import default_device
+from ..files import file_sha256
 from ..model.factory import load
 from . import ann
 from .store import (
@@ -30,12 +32,10 @@ from .store import (
     ChunkVectors,
     IndexStore,
     SearchIndexError,
-    file_sha256,
 )
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SYMLINK_SKIPPED = "symlink: not followed (only regular files inside the indexed folder are indexed)"
 
 
@@ -106,7 +106,7 @@ def _check_model(store: IndexStore, checkpoint: Path, sha: str) -> None:
         raise SearchIndexError(
             f"{store.root} holds embeddings of checkpoint {meta.get('checkpoint_path')} (sha256 {stored[:16]}...), "
             f"but --checkpoint {checkpoint} has sha256 {sha[:16]}...; embeddings of different models cannot be "
-            f"mixed: build into a new --out directory")
+            f"mixed: build into a new --output directory")
 
 
 def build_index(checkpoint: Path | str, entries: Sequence[Entry], out: Path | str, index_type: str | None = None,

@@ -23,10 +23,12 @@ def _index_build(args: argparse.Namespace) -> None:
     from .build import build_index, entries_from_folder, entries_from_manifest
     from .store import DB_NAME, SearchIndexError
 
+    if args.manifest is None and args.images is None:
+        raise SystemExit("unialign index build: give --images FOLDER or --manifest FILE")
     try:
-        entries = (entries_from_folder(args.images) if args.images
-                   else entries_from_manifest(args.manifest, args.image_root))
-        report = build_index(args.checkpoint, entries, args.out, index_type=args.index_type,
+        entries = (entries_from_manifest(args.manifest, args.images) if args.manifest
+                   else entries_from_folder(args.images))
+        report = build_index(args.checkpoint, entries, args.output, index_type=args.index_type,
                              batch_size=args.batch_size, num_workers=args.num_workers, chunk_size=args.chunk_size,
                              device=args.device, progress=not args.no_progress)
     except (SearchIndexError, DataError) as err:
@@ -119,15 +121,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `index`, `search` and `serve` commands to the `unialign` parser."""
     p = subparsers.add_parser("index", help="build a searchable index of an image collection")
     index_sub = p.add_subparsers(dest="index_command", required=True)
-    b = index_sub.add_parser("build", help="embed images (only new ones when OUT exists) into a FAISS + SQLite index")
+    b = index_sub.add_parser("build",
+                             help="embed images (only new ones when OUTPUT exists) into a FAISS + SQLite index")
     b.add_argument("--checkpoint", required=True)
-    src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder of images (searched recursively)")
-    src.add_argument("--manifest", help="JSONL/CSV with image, caption (and image_id) columns; captions become "
-                                        "searchable with `search --captions`")
-    b.add_argument("--image-root", default=None, help="folder the manifest's relative image paths start from "
-                                                      "(default: the manifest's folder)")
-    b.add_argument("--out", required=True, help="index directory (created, or updated incrementally)")
+    b.add_argument("--images", help="folder of images to index (searched recursively); with --manifest, the folder "
+                                    "its relative image paths start from (default: the manifest's folder)")
+    b.add_argument("--manifest", help="JSONL/CSV with image, caption (and image_id) columns; captions become "
+                                      "searchable with `search --captions`")
+    b.add_argument("--output", required=True, help="index directory (created, or updated incrementally)")
     b.add_argument("--index-type", choices=["auto", "flat", "ivf", "hnsw"], default=None,
                    help="FAISS index (default: keep the index's type; auto for a new one = exact up to 50,000 "
                         "vectors, IVF above)")

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from ..evaluation.run import default_device
+from ..files import file_sha256
 from ..model.factory import load
 from . import ann
-from .store import CAPTION_INDEX, IMAGE_INDEX, IndexStore, SearchIndexError, file_sha256
+from .store import CAPTION_INDEX, IMAGE_INDEX, IndexStore, SearchIndexError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ overwrites.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -89,14 +88,6 @@ class ChunkVectors:
     captions: np.ndarray
 
 
-def file_sha256(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            digest.update(data)
-    return digest.hexdigest()
-
-
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, check_same_thread=False)
@@ -118,12 +109,12 @@ class IndexStore:
         if readonly:
             if not db.is_file():
                 raise SearchIndexError(f"{self.root} is not a search index (no {DB_NAME}); "
-                                       f"create one with `unialign index build --out {self.root}`")
+                                       f"create one with `unialign index build --output {self.root}`")
         else:
             if self.root.exists() and not self.root.is_dir():
-                raise SearchIndexError(f"--out {self.root} exists and is not a directory")
+                raise SearchIndexError(f"--output {self.root} exists and is not a directory")
             if self.root.is_dir() and any(self.root.iterdir()) and not db.is_file():
-                raise SearchIndexError(f"--out {self.root} is a non-empty directory that is not a search index "
+                raise SearchIndexError(f"--output {self.root} is a non-empty directory that is not a search index "
                                        f"(no {DB_NAME}); choose an empty or new directory")
             (self.root / VECTORS_DIR).mkdir(parents=True, exist_ok=True)
         self._lock_file = None

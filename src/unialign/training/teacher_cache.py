@@ -34,7 +34,6 @@ Building (resumable, and automatic with ``teacher.cache: auto``) is in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 from collections.abc import Sequence
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError
+from ..files import file_sha256
 
 FORMAT = "unialign-teacher-cache"
 VERSION = 1
@@ -61,23 +61,6 @@ class TeacherCacheError(ConfigError):
 
 # ---------------------------------------------------------------------------------------
 # What the targets depend on
-
-
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file (memoised per path, size and mtime: checkpoints are hundreds of MB)."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
 
 
 def teacher_view_stats(cfg: Config) -> tuple[list[float], list[float]]:

@@ -17,10 +17,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 
 from ..config import Config, ConfigError, save_config
-from ..data import RetrievalDataModule
 from ..files import remove_stale_temp_files, torch_save_atomic, write_json_atomic
 from ..model.factory import LOAD_ERRORS, CheckpointError, checkpoint_damage, create_tokenizer, unreadable_checkpoint
 from ..model.smke import SharedBlock
+from .callbacks import BadSamples, PairsPerSecond
+from .datamodule import RetrievalDataModule
 from .module import SMKETraining
 from .progress import ProgressLog
 
@@ -93,9 +94,9 @@ class _RunEnd(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.save_checkpoint(self.output / CHECKPOINT_DIR / LAST, weights_only=False)
         trainer.save_checkpoint(self.output / CHECKPOINT_DIR / FINAL, weights_only=True)
-        # Counters are per rank; the summary reports the whole run.
-        counters = torch.tensor([pl_module.samples_seen, pl_module.samples_bad], dtype=torch.float64,
-                                device=pl_module.device)
+        # Counters are per rank (the BadSamples callback's); the summary reports the whole run.
+        bad_samples = next((c for c in trainer.callbacks if isinstance(c, BadSamples)), BadSamples(1.0))
+        counters = torch.tensor([bad_samples.seen, bad_samples.bad], dtype=torch.float64, device=pl_module.device)
         seen, bad = trainer.strategy.reduce(counters, reduce_op="sum").tolist()
         stats = trainer.datamodule.stats
         summary = {
@@ -182,12 +183,14 @@ def build_trainer(cfg: Config, output: Path, callbacks: list[Callback] | None = 
     checkpointing = _StepCheckpoint(dirpath=output / CHECKPOINT_DIR, filename="step{step:08d}",
                                     auto_insert_metric_name=False, every_n_train_steps=t.checkpoint_every_steps,
                                     save_top_k=1, save_last=True, enable_version_counter=False)
-    extra: list[Callback] = [checkpointing]
+    # pairs/s after the progress line, which reads the metrics (as when the module logged the rate).
+    extra: list[Callback] = [BadSamples(cfg.data.max_bad_fraction, output), checkpointing]
     if t.progress_bar:
         # Refreshing reads the logged device tensors (a host sync): only on logging steps, which sync anyway.
         extra.append(TQDMProgressBar(refresh_rate=t.log_every_steps))
     else:
         extra.append(ProgressLog(t.log_every_steps))
+    extra.append(PairsPerSecond())
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(cfg),
         precision=t.precision, max_epochs=t.epochs, max_steps=t.max_steps,

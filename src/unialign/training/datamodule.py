@@ -21,13 +21,13 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from unialign.config import DataConfig, KarpathySource, ManifestSource, WebDatasetSource
-from unialign.data.collate import Collator
-from unialign.data.datasets import MixedIterableDataset, PairDataset, Transform, build_train_dataset
-from unialign.data.device_decode import DeviceDecodePlan, DeviceDecoder
-from unialign.data.records import DataError, RecordSet, RetrievalSet, read_source, retrieval_set
-from unialign.data.sampler import ResumableSampler
-from unialign.data.transforms import PixelNormalizer, build_image_transform
+from ..config import DataConfig, KarpathySource, ManifestSource, WebDatasetSource
+from ..data.collate import Collator
+from ..data.datasets import MixedIterableDataset, PairDataset, Transform, build_train_dataset
+from ..data.device_decode import DeviceDecodePlan, DeviceDecoder
+from ..data.records import DataError, RecordSet, RetrievalSet, read_source, retrieval_set
+from ..data.sampler import ResumableSampler
+from ..data.transforms import PixelNormalizer, build_image_transform
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,143 @@
+"""The training objective as a plain module: student (+ online teacher) -> ITC + KD losses.
+
+No Lightning here: `SMKETraining.training_step` calls it, and so do the benchmarks and the
+FSDP and compile tests (as open_clip's `training_forward` or FLAVA's model returning its losses).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config, LossConfig
+from ..losses import ContrastiveDistillationLoss, ContrastiveLoss, MSEDistillationLoss
+from ..model.factory import create_student, read_checkpoint, student_state_dict
+from ..model.smke import SMKE, no_weight_decay_names
+from ..model.teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+
+class DistillTask(nn.Module):
+    """Student (`model`, an SMKE), the optional online teacher, and the ITC and KD losses.
+
+    ``forward(batch)`` returns the named losses (``itc``, ``itc_interm``, ``kd``: those the config
+    asks for) and their weighted sum, ``loss``. The batch holds ``image``, ``input_ids``,
+    ``attention_mask`` and ``image_id``; for the KD loss either ``teacher_target`` (from a teacher
+    cache) or a teacher in the task (run on ``teacher_image`` when the batch has one, else ``image``).
+    """
+
+    def __init__(self, model: SMKE, loss: LossConfig, teacher: Teacher | None = None,
+                 kd: nn.Module | None = None) -> None:
+        super().__init__()
+        # Registered in this order (teacher, model, itc, kd), as SMKETraining registers the same
+        # modules: the order of the parameters, hence of the optimizer's state, is unchanged.
+        self.teacher = teacher
+        self.model = model
+        self.itc = ContrastiveLoss()
+        self.kd = kd
+        self.loss_config = loss
+        # Decided at construction, on the real shapes (see SMKE.no_weight_decay); the teacher is frozen.
+        self._no_decay = frozenset({f"model.{name}" for name in model.no_weight_decay()}
+                                   | no_weight_decay_names(kd, "kd."))
+
+    @classmethod
+    def from_config(cls, cfg: Config, cached_kd_dim: int | None = None) -> DistillTask:
+        """The task a run config describes. `cached_kd_dim`: the width of the teacher cache's targets,
+        when ``teacher.cache`` serves them (then no teacher is built)."""
+        teacher = None
+        if cfg.teacher.enabled and cfg.teacher.cache is not None:
+            if cached_kd_dim is None:
+                raise ValueError("teacher.cache is set: DistillTask.from_config needs the cache's target width")
+            kd_dim: int | None = cached_kd_dim
+        elif cfg.teacher.enabled and cfg.loss.kd != "none":
+            # Own RNG stream: the student's initialisation (and dropout) must not depend on
+            # whether the teacher is built here or its targets come from a cache.
+            with torch.random.fork_rng(devices=[]):
+                teacher = Teacher(cfg.teacher)
+            kd_dim = teacher.width
+        else:
+            kd_dim = None
+        model = create_student(cfg, kd_dim)
+        if cfg.model.init_checkpoint is not None:
+            init_from(model, cfg.model.init_checkpoint)
+        if cfg.train.compile:
+            # In place (nn.Module.compile): parameter names and checkpoints stay the same.
+            for part in (model.image_tower, model.text_tower, *model.shared):
+                part.compile()
+            if teacher is not None:
+                teacher.backbone.compile()
+        loss = cfg.loss
+        kd: nn.Module | None = None
+        if loss.kd == "contrastive":
+            kd = ContrastiveDistillationLoss(kd_dim, bank_size=loss.bank_size, temperature=loss.kd_temperature,
+                                             learnable_temperature=loss.kd_learnable_temperature)
+        elif loss.kd == "mse":
+            kd = MSEDistillationLoss()
+        return cls(model, loss, teacher, kd)
+
+    @property
+    def kd_dim(self) -> int | None:
+        """The width of the KD targets (None without distillation)."""
+        head = self.model.kd_head
+        return None if head is None else int(head[-1].out_features)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        cfg = self.loss_config
+        image_ids = batch["image_id"] if cfg.same_image_positives else None
+        img, txt = self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        scale, scale_interm = self.model.scales()
+        itc = self.itc(img.embedding, txt.embedding, scale, image_ids)
+        out = {"itc": itc}
+        if cfg.itc_interm:
+            out["itc_interm"] = self.itc(img.interm, txt.interm, scale_interm, image_ids)
+            itc = (itc + out["itc_interm"]) / 2
+        loss = cfg.itc_weight * itc
+        if self.kd is not None:
+            targets = batch.get("teacher_target")  # from the teacher cache, set before the device transfer
+            if targets is None:
+                if self.teacher is None:
+                    raise RuntimeError("teacher.cache is set but the batch has no teacher_target "
+                                       "(the cache lookup runs in on_before_batch_transfer)")
+                targets = self.teacher(batch.get("teacher_image", batch["image"]))
+            out["kd"] = self.kd(img.kd.float(), txt.kd.float(), targets, image_ids)
+            loss = loss + cfg.kd_weight * out["kd"]
+        out["loss"] = loss
+        return out
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (as in this module: ``model.``, ``kd.``) of the trained parameters without weight decay."""
+        return set(self._no_decay)
+
+    def lr_scales(self, tower_scale: float, layer_decay: float) -> dict[str, float]:
+        """Learning-rate multipliers of the student's parameters (see `SMKE.lr_scales`); others get 1."""
+        return {f"model.{name}": scale for name, scale in self.model.lr_scales(tower_scale, layer_decay).items()}
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Keep the learned scales in range: the ITC logit scales, the KD temperature."""
+        self.model.clamp_scales_()
+        if isinstance(self.kd, ContrastiveDistillationLoss):
+            self.kd.clamp_temperature_()
+
+
+def init_from(model: SMKE, path: Path) -> None:
+    """Start from a trained model (``model.init_checkpoint``: e.g. retrieval fine-tuning).
+
+    The optional parts (KD head, second logit scale) are taken only where the new
+    configuration has them with the same shape; every other weight must match.
+    """
+    own = model.state_dict()
+    optional = ("kd_head.", "logit_scale_interm")
+    state = {k: v for k, v in student_state_dict(read_checkpoint(path)).items()
+             if not k.startswith(optional) or (k in own and own[k].shape == v.shape)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if not k.startswith(optional)]
+    if wrong or unexpected:
+        raise ValueError(f"model.init_checkpoint {path} does not match the configured model: "
+                         f"missing {wrong[:5]}, unexpected {unexpected[:5]}")
+    log.info("initialised the model from %s", path)
