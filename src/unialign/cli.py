@@ -12,11 +12,16 @@ from pathlib import Path
 from .files import atomic_path, write_text_atomic
 
 
-def _train(args: argparse.Namespace) -> None:
+def _need_training_extra(command: str) -> None:
     from importlib.util import find_spec
 
     if find_spec("lightning") is None or find_spec("webdataset") is None:
-        raise SystemExit("unialign train needs the training extra (Lightning, webdataset): pip install unialign[train]")
+        raise SystemExit(f"unialign {command} needs the training extra (Lightning, webdataset): "
+                         "pip install unialign[train]")
+
+
+def _train(args: argparse.Namespace) -> None:
+    _need_training_extra("train")
     from .config import load_config
 
     cfg = load_config(args.config, args.set)  # a bad config fails before torch and Lightning load
@@ -93,11 +98,8 @@ def _convert_data2vec2(args: argparse.Namespace) -> None:
 
 def _teacher_cache(args: argparse.Namespace) -> None:
     import json
-    from importlib.util import find_spec
 
-    if find_spec("lightning") is None or find_spec("webdataset") is None:
-        raise SystemExit("unialign teacher-cache needs the training extra (Lightning, webdataset): "
-                         "pip install unialign[train]")
+    _need_training_extra("teacher-cache")
     from .config import load_config
     from .training.cache_build import build_teacher_cache
     from .training.teacher_cache import META
