@@ -58,7 +58,7 @@ run() {  # run NAME SCRIPT ARGS...: JSON (rewritten as each figure is measured) 
 
 case $part in
     first)
-        { header; python3 -m pytest -q -p no:cacheprovider tests/test_device_decode.py tests/test_speed_features.py; } \
+        { header; python3 -m pytest -q -p no:cacheprovider tests/test_device_decode.py tests/test_teacher_cache.py tests/test_step_speed.py; } \
             2>&1 | tee "$out/tests.log"
         run train_step train_step.py --workdir "$work"
         run train_step_len32 train_step.py --workdir "$work" --text-len 32 \

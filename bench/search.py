@@ -21,6 +21,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -223,12 +225,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
+@contextmanager
+def _served_index(args: argparse.Namespace) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """`unialign serve` over ``args.index`` (or a tiny generated one) in a spawned process: its
+    base URL, the process and /api/health once it answers; stopped on the way out."""
     import multiprocessing
 
-    import httpx
-
-    host = machine_info()
     with tempfile.TemporaryDirectory() as tmp:
         index = Path(args.index) if args.index else tiny_index(Path(tmp), args.images)
         port = _free_port()
@@ -237,44 +239,52 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         server.start()
         base = f"http://127.0.0.1:{port}"
         try:
-            health = _wait_ready(base, server)
-            latencies: list[float] = []
-            errors: list[str] = []
-            lock = threading.Lock()
-            per_client = [args.requests // args.concurrency + (i < args.requests % args.concurrency)
-                          for i in range(args.concurrency)]
-
-            def client(n: int, seed: int) -> None:
-                rng = np.random.default_rng(seed)
-                with httpx.Client(base_url=base, timeout=30) as http:
-                    for _ in range(n):
-                        params = {"q": QUERIES[rng.integers(len(QUERIES))], "k": args.k}
-                        t0 = time.perf_counter()
-                        try:
-                            r = http.get("/api/search", params=params)
-                            ok = r.status_code == 200 and len(r.json()["results"]) == min(args.k, health["items"])
-                            problem = None if ok else f"HTTP {r.status_code}: {r.text[:200]}"
-                        except httpx.HTTPError as err:
-                            problem = f"{type(err).__name__}: {err}"
-                        elapsed = time.perf_counter() - t0
-                        with lock:
-                            latencies.append(elapsed)
-                            if problem:
-                                errors.append(problem)
-
-            client(20, seed=-1 % 2**32)  # warm-up, not counted
-            latencies.clear()
-            errors.clear()
-            threads = [threading.Thread(target=client, args=(n, i)) for i, n in enumerate(per_client)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
+            yield base, server, _wait_ready(base, server)
         finally:
             server.terminate()
             server.join(10)
+
+
+def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
+
+    import httpx
+
+    host = machine_info()
+    with _served_index(args) as (base, server, health):
+        latencies: list[float] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        per_client = [args.requests // args.concurrency + (i < args.requests % args.concurrency)
+                      for i in range(args.concurrency)]
+
+        def client(n: int, seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            with httpx.Client(base_url=base, timeout=30) as http:
+                for _ in range(n):
+                    params = {"q": QUERIES[rng.integers(len(QUERIES))], "k": args.k}
+                    t0 = time.perf_counter()
+                    try:
+                        r = http.get("/api/search", params=params)
+                        ok = r.status_code == 200 and len(r.json()["results"]) == min(args.k, health["items"])
+                        problem = None if ok else f"HTTP {r.status_code}: {r.text[:200]}"
+                    except httpx.HTTPError as err:
+                        problem = f"{type(err).__name__}: {err}"
+                    elapsed = time.perf_counter() - t0
+                    with lock:
+                        latencies.append(elapsed)
+                        if problem:
+                            errors.append(problem)
+
+        client(20, seed=-1 % 2**32)  # warm-up, not counted
+        latencies.clear()
+        errors.clear()
+        threads = [threading.Thread(target=client, args=(n, i)) for i, n in enumerate(per_client)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
     return {
         "section": "serve-load",
         "machine": host,
@@ -311,50 +321,37 @@ def bench_upload_rss(args: argparse.Namespace) -> dict[str, Any]:
     """RSS of `unialign serve` (its own process, default limits) while bursts of concurrent
     POST /api/search/image of one large PNG arrive: peak (VmHWM) and resident after each burst,
     both minus the RSS of the idle server before the first upload."""
-    import multiprocessing
-
     import httpx
 
     host = machine_info()
     width, height = args.upload_size
     data = big_png(width, height)
-    with tempfile.TemporaryDirectory() as tmp:
-        index = Path(args.index) if args.index else tiny_index(Path(tmp), args.images)
-        port = _free_port()
-        server = multiprocessing.get_context("spawn").Process(
-            target=_run_server, args=(str(index), port, args.checkpoint), daemon=True)
-        server.start()
-        base = f"http://127.0.0.1:{port}"
-        try:
-            _wait_ready(base, server)
-            with httpx.Client(base_url=base, timeout=30) as http:  # warm-up: model and upload path loaded
-                http.post("/api/search/image", files={"file": ("small.png", big_png(64, 64), "image/png")})
-            idle = _rss_mib(server.pid)
-            bursts = []
-            for _ in range(args.bursts):
-                statuses: list[int] = []
-                barrier = threading.Barrier(args.concurrency)
+    with _served_index(args) as (base, server, _):
+        with httpx.Client(base_url=base, timeout=30) as http:  # warm-up: model and upload path loaded
+            http.post("/api/search/image", files={"file": ("small.png", big_png(64, 64), "image/png")})
+        idle = _rss_mib(server.pid)
+        bursts = []
+        for _ in range(args.bursts):
+            statuses: list[int] = []
+            barrier = threading.Barrier(args.concurrency)
 
-                def client(i: int) -> None:
-                    barrier.wait()
-                    with httpx.Client(base_url=base, timeout=300) as http:
-                        r = http.post("/api/search/image", files={"file": (f"big{i}.png", data, "image/png")})
-                    statuses.append(r.status_code)
+            def client(i: int) -> None:
+                barrier.wait()
+                with httpx.Client(base_url=base, timeout=300) as http:
+                    r = http.post("/api/search/image", files={"file": (f"big{i}.png", data, "image/png")})
+                statuses.append(r.status_code)
 
-                threads = [threading.Thread(target=client, args=(i,)) for i in range(args.concurrency)]
-                t0 = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                rss = _rss_mib(server.pid)
-                bursts.append({"wall_s": round(time.perf_counter() - t0, 1), "ok": statuses.count(200),
-                               "statuses": sorted(set(statuses)), "rss_mib": rss["VmRSS"],
-                               "rss_after_minus_idle_mib": round(rss["VmRSS"] - idle["VmRSS"], 1)})
-            peak = _rss_mib(server.pid)["VmHWM"]
-        finally:
-            server.terminate()
-            server.join(10)
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(args.concurrency)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rss = _rss_mib(server.pid)
+            bursts.append({"wall_s": round(time.perf_counter() - t0, 1), "ok": statuses.count(200),
+                           "statuses": sorted(set(statuses)), "rss_mib": rss["VmRSS"],
+                           "rss_after_minus_idle_mib": round(rss["VmRSS"] - idle["VmRSS"], 1)})
+        peak = _rss_mib(server.pid)["VmHWM"]
     return {
         "section": "upload-rss", "machine": host,
         "upload": {"width": width, "height": height, "bytes": len(data), "format": "PNG",

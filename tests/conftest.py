@@ -64,3 +64,69 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, text_model_dir: Pa
     model = create_student(spec)
     return export_checkpoint(model, spec, AutoTokenizer.from_pretrained(text_model_dir),
                              tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+
+
+# ---------------------------------------------------------------------------------------
+# A small captioned world whose training view equals the eval view, and a teacher cache of it
+# (test_teacher_cache.py, test_step_speed.py).
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 synthetic Karpathy images (16 train, 8 val), 2 captions each."""
+    from unialign.data import make_synthetic_karpathy
+
+    root = tmp_path_factory.mktemp("speed_world")
+    make_synthetic_karpathy(root, n_images=24, captions_per_image=2, image_size=32, seed=3,
+                            split_counts={"train": 16, "val": 8})
+    return root
+
+
+def eval_view_config(world: Path, text_model_dir: Path, teacher_checkpoint: Path, splits=("train",),
+                     **train_kw: object) -> dict:
+    """A tiny run config on `world` in which the student (and so the teacher) sees the eval view.
+
+    ``data.train_scale: [1, 1]`` makes RandomResizedCrop take the whole (square) image (with scale 1
+    only aspect ratio 1 fits a square, so after its 10 failed draws it falls back to the full image)
+    and ``data.hflip: false`` (tiny_config_dict) removes the flip: crop-then-resize of the full image
+    equals the eval transform's resize, so cached and online teacher targets must agree exactly."""
+    src = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world),
+           "splits": list(splits)}
+    raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [src], **train_kw)
+    raw["data"]["train_scale"] = [1.0, 1.0]  # with hflip false (above): the student sees the eval view
+    raw["loss"]["bank_size"] = 12  # fills and wraps within a few steps of 8 pairs
+    return raw
+
+
+def with_teacher_cache(raw: dict, cache: Path) -> dict:
+    """A copy of the config `raw` that reads teacher targets from `cache`."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    raw["teacher"]["cache"] = str(cache)
+    return raw
+
+
+def train_batches(cfg, n: int) -> list[dict]:
+    """The first `n` training batches of `cfg`, as the training step receives them."""
+    from unialign.model.factory import create_tokenizer
+    from unialign.training.datamodule import RetrievalDataModule
+
+    dm = RetrievalDataModule(cfg.data, create_tokenizer(cfg), cfg.model.text.max_length, cfg.train.batch_size,
+                             cfg.seed)
+    it = iter(dm.train_dataloader())
+    return [dm.on_after_batch_transfer(next(it), 0) for _ in range(n)]  # what Lightning does after the copy
+
+
+@pytest.fixture(scope="session")
+def teacher_cache_dir(small_world: Path, text_model_dir: Path, teacher_checkpoint: Path,
+                      tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished teacher cache of small_world's train split (float32, built on the CPU)."""
+    from unialign.config import parse_config
+    from unialign.training.cache_build import build_teacher_cache
+
+    cfg = parse_config(eval_view_config(small_world, text_model_dir, teacher_checkpoint))
+    # On the CPU in float32, like the online teacher the tests compare with (on a GPU machine the
+    # pass would default to CUDA under bf16: 2e-3 apart, measured on an H100).
+    return build_teacher_cache(cfg, tmp_path_factory.mktemp("cache") / "c", dtype="float32", batch_size=5,
+                               num_workers=0, chunk_size=7, progress=False, device="cpu", precision="32")

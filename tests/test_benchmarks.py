@@ -1,0 +1,94 @@
+"""The benchmarks (bench/*.py): importable and runnable at CI size, a failing measurement is
+recorded while the rest still run, and bench/train_run.py kills and resumes a real training run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+
+@pytest.mark.parametrize("script, extra", [("train_step.py", ["--steps", "2"]), ("data.py", []), ("eval.py", [])])
+def test_benchmarks_run_small(script, extra, tmp_path, monkeypatch):
+    """In-process (no interpreter + torch import per script), at the --small sizes; then the
+    Markdown table bench/perf_table.py makes of the result names every variant with its rate."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out.json"
+    result = _bench_module(script).main(["--small", "--json", str(out), *extra])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["small"] is True and result["device"] and result["baseline"]
+    rows = {"train_step": "variants", "data": "results", "eval": "runs"}[result["bench"]]
+    errors = {k: v["error"] for k, v in result[rows].items() if "error" in v}
+    assert not errors, errors
+    perf = _bench_module("perf_table.py")
+    table = perf.render([out])
+    assert "--small: a smoke run" in table
+    for name, row in result[rows].items():
+        shown = _as_shown(row["total_s"], 2) if rows == "runs" else _as_shown(row.get("pairs_per_s",
+                                                                                      row.get("images_per_s")))
+        line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert f"| {shown} |" in line, (name, shown, line)
+
+
+def test_a_failing_measurement_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
+    """One broken path (here the device decoder) must not lose the figures of the others: they are
+    in the JSON on disk, and the failure is a row of its own with its error."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    data = _bench_module("data.py")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("nvJPEG said no")
+
+    monkeypatch.setattr(data, "unialign_device_decode", broken)
+    out = tmp_path / "data.json"
+    data.main(["--small", "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    res = json.loads(out.read_text())["results"]
+    assert res["unialign_devdec_w0"] == {"error": "RuntimeError: nvJPEG said no"}
+    assert res["unialign_w0"]["images_per_s"] > 0 and res["unialign_w2"]["images_per_s"] > 0
+    assert "| unialign_devdec_w0 | - | - | error: RuntimeError: nvJPEG said no |" in \
+        _bench_module("perf_table.py").render([out])
+
+
+def test_train_run_kills_and_resumes_the_real_command(tmp_path, monkeypatch):
+    """bench/train_run.py at --small: `unialign train` in a child, SIGKILLed after the step-4
+    checkpoint, resumed from that checkpoint (not from 0) and run to step 16."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    out = tmp_path / "run.json"
+    result = _bench_module("train_run.py").main(["--small", "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    run = result["runs"]["ddp"]
+    assert run["ok"], run
+    assert run["first"]["killed"] and run["first"]["returncode"] == -9
+    assert 4 <= run["resumed_from_step"] < 16 and run["final_step"] == 16
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert "| ddp | True |" in _bench_module("perf_table.py").render([out])
+
+
+def _as_shown(value, digits: int = 1) -> str:
+    """A figure as the perf table prints it: "-" when absent, floats with thousands separators and
+    `digits` decimals, integers with thousands separators."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _bench_module(script: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", ROOT / "bench" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # so a worker pool can pickle its functions by name
+    spec.loader.exec_module(module)
+    return module
