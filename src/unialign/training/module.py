@@ -8,7 +8,6 @@ import logging
 import math
 import random
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -43,13 +42,11 @@ class SMKETraining(L.LightningModule):
 
     task: DistillTask  # its modules are this module's `teacher`, `model`, `itc` and `kd`
 
-    def __init__(self, config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None = None,
-                 output_dir: str | None = None) -> None:
+    def __init__(self, config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         super().__init__()
         self.save_hyperparameters({"config": config})
         self.cfg = Config.model_validate(config)
         self.tokenizer = tokenizer
-        self.output_dir = Path(output_dir) if output_dir else None
         # The teacher is frozen and rebuilt from the config, so it stays out of checkpoints.
         self.strict_loading = False
         # With teacher.cache the targets are read from disk (looked up per batch in

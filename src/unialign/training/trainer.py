@@ -316,7 +316,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
         cfg = _with_auto_cache(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = create_tokenizer(cfg)
-    module = SMKETraining(cfg.model_dump(mode="json"), tokenizer=tokenizer, output_dir=str(output))
+    module = SMKETraining(cfg.model_dump(mode="json"), tokenizer=tokenizer)
     teacher_transform = None
     if module.teacher is not None and cfg.teacher.view == "separate":
         teacher_transform = module.teacher.train_transform(cfg.data)
