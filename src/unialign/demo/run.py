@@ -34,13 +34,14 @@ from ..report import (
     write_demo_report,
 )
 from .plan import (
-    ROWS,
     USED_ASSETS,
+    Row,
     choose_scale,
     default_cache_dir,
     demo_config,
     prepare_assets,
     steps_per_run,
+    table_rows,
     with_teacher_cache,
 )
 
@@ -89,6 +90,33 @@ def train_or_reuse(cfg: Config, run_dir: Path, callbacks: list[L.Callback]) -> t
     return summary, False
 
 
+def train_hf_or_reuse(cfg: Config, run_dir: Path, callbacks: list[L.Callback]) -> tuple[dict[str, Any], bool]:
+    """`train_or_reuse` for the Hugging Face dual-encoder row: its model is a transformers folder
+    (no unialign checkpoint, no resume), so an unfinished run starts again from scratch."""
+    import shutil
+
+    from ..training.hf_dual import HF_FOLDER, train_hf_dual_encoder
+
+    config_file, summary_file = run_dir / "config.yaml", run_dir / "summary.json"
+    if config_file.is_file():
+        if yaml.safe_load(config_file.read_text()) != cfg.model_dump(mode="json"):
+            raise FileExistsError(f"{run_dir} holds a run with another config; choose another --output")
+        if summary_file.is_file() and (run_dir / HF_FOLDER).is_dir():
+            return json.loads(summary_file.read_text()), True
+        shutil.rmtree(run_dir)
+    summary = train_hf_dual_encoder(cfg, run_dir, callbacks)
+    write_json_atomic(summary_file, summary)
+    return summary, False
+
+
+def model_spec(row: Row, run_dir: Path) -> str:
+    """What `load_eval_model` evaluates for a row: the transformers folder or the final checkpoint."""
+    from ..training.hf_dual import HF_FOLDER
+    from ..training.trainer import CHECKPOINT_DIR, FINAL
+
+    return f"hf:{run_dir / HF_FOLDER}" if row.hf_dual else str(run_dir / CHECKPOINT_DIR / FINAL)
+
+
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
     """Keep the terminal to one progress bar: no per-load bars or Lightning banners.
@@ -123,7 +151,8 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
 
     from ..config import parse_config
     from ..data.records import read_karpathy_eval
-    from ..evaluation.run import evaluate_retrieval
+    from ..evaluation.models import load_eval_model
+    from ..evaluation.run import evaluate_retrieval_model
     from ..training.trainer import CHECKPOINT_DIR, FINAL
 
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -140,25 +169,27 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
         t0 = time.perf_counter()
         scale = choose_scale(quick, status)
         assets = prepare_assets(cache, output, scale, status)
+        rows = table_rows(assets)
         bar.set_description("teacher targets")
         configs = {}
-        for row in ROWS:
+        for row in rows:
             raw = demo_config(assets, scale, row)
             configs[row.key] = parse_config(with_teacher_cache(raw, cache) if row.kd else raw,
                                             source=f"demo:{row.key}")
-        n_steps = steps_per_run(configs[ROWS[0].key])
-        bar.total = len(ROWS) * (n_steps + 1)  # + one unit per evaluation
+        n_steps = steps_per_run(configs[rows[0].key])
+        bar.total = len(rows) * (n_steps + 1)  # + one unit per evaluation
         bar.refresh()
         times["assets"] = time.perf_counter() - t0
         results: dict[str, dict[str, Any]] = {}
         extra_results: dict[str, dict[str, dict[str, Any]]] = {}
         reused_runs: list[str] = []
         training: dict[str, dict[str, Any]] = {}
-        for row in ROWS:
+        for row in rows:
             run_dir = output / "runs" / row.key
             bar.set_description(f"training {row.key}")
             t0 = time.perf_counter()
-            summary, reused = train_or_reuse(configs[row.key], run_dir, [StepProgress(bar, row.key)])
+            summary, reused = (train_hf_or_reuse if row.hf_dual else train_or_reuse)(
+                configs[row.key], run_dir, [StepProgress(bar, row.key)])
             training[row.key] = {"steps": summary["global_step"], "samples": summary["samples_seen"],
                                  "final_loss": summary["metrics"].get("train/loss")}
             if reused:
@@ -168,11 +199,13 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
             bar.set_description(f"evaluating {row.key}")
             t0 = time.perf_counter()
             result_file = run_dir / "retrieval_test.json"
+            model = None
             if reused and result_file.is_file():  # same config, so the same evaluation set
                 result = json.loads(result_file.read_text())
             else:
-                result = evaluate_retrieval(run_dir / CHECKPOINT_DIR / FINAL, assets.eval_json, assets.eval_images,
-                                            "test", progress=False)
+                model = load_eval_model(model_spec(row, run_dir))
+                result = evaluate_retrieval_model(model, assets.eval_json, images=assets.eval_images, split="test",
+                                                  progress=False)
                 write_json_atomic(result_file, result)
             results[row.key] = result
             for i, (name, karpathy, images) in enumerate(assets.extra_evals):
@@ -180,15 +213,15 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
                 if reused and extra_file.is_file():
                     extra = json.loads(extra_file.read_text())
                 else:
-                    extra = evaluate_retrieval(run_dir / CHECKPOINT_DIR / FINAL, karpathy, images, "test",
-                                               progress=False)
+                    model = model or load_eval_model(model_spec(row, run_dir))
+                    extra = evaluate_retrieval_model(model, karpathy, images=images, split="test", progress=False)
                     write_json_atomic(extra_file, extra)
                 extra_results.setdefault(name, {})[row.key] = _metrics(extra)
             times[f"eval_{row.key}"] = time.perf_counter() - t0
             bar.update(1)
         bar.set_description("search examples")
         t0 = time.perf_counter()
-        examples = search_examples(output / "runs" / ROWS[0].key / CHECKPOINT_DIR / FINAL, assets.eval_json,
+        examples = search_examples(output / "runs" / rows[0].key / CHECKPOINT_DIR / FINAL, assets.eval_json,
                                    assets.eval_images)
         examples_png = draw_search_examples(examples, assets.eval_images, output / "search_examples.png")
         times["search"] = time.perf_counter() - t0
@@ -197,7 +230,7 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
     # CPU seconds of all this process's threads: on a shared machine the wall time says more
     # about the neighbours than about the demo.
     times["cpu_total"] = time.process_time() - cpu_start
-    first = results[ROWS[0].key]
+    first = results[rows[0].key]
     eval_set = read_karpathy_eval(assets.eval_json, assets.eval_images, "test")
     per_image = [0] * len(eval_set.images)
     for i in eval_set.caption_to_image:
@@ -209,11 +242,11 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
         "used": assets.used,
         "missing": assets.missing,
         "scale": asdict(scale),
-        "precision": configs[ROWS[0].key].train.precision,
+        "precision": configs[rows[0].key].train.precision,
         "steps_per_run": n_steps,
         "eval": {"name": assets.eval_name, "images": first["n_images"], "captions": first["n_captions"]},
         "chance": chance_recalls(per_image),
-        "rows": [asdict(row) for row in ROWS],
+        "rows": [asdict(row) for row in rows],
         "results": {k: _metrics(v) for k, v in results.items()},
         "results_extra": extra_results,
         "training": training,

@@ -33,15 +33,19 @@ def _friendly(handler: Callable[[argparse.Namespace], None]) -> Callable[[argpar
     return run
 
 
-def _finish(result: dict[str, Any], args: argparse.Namespace, keys: tuple[str, ...]) -> None:
+def _finish(result: dict[str, Any], args: argparse.Namespace, keys: tuple[str, ...], table: str | None = None) -> None:
+    """Write the result JSON and print its Markdown table (`table`, or one row of `keys`)."""
     from ..files import write_json_atomic
 
     if getattr(args, "name", None):
         result["model"] = args.name
     write_json_atomic(args.output, result)
     shown = [k for k in keys if isinstance(result.get(k), (int, float))]
-    print("| " + " | ".join(shown) + " |\n|" + "---|" * len(shown))
-    print("| " + " | ".join(f"{result[k]:.2f}" for k in shown) + " |")
+    if table is not None:
+        print(table)
+    else:
+        print("| " + " | ".join(shown) + " |\n|" + "---|" * len(shown))
+        print("| " + " | ".join(f"{result[k]:.2f}" for k in shown) + " |")
     if result.get("images_skipped"):
         print(f"{result['images_skipped']} unreadable image(s) skipped; listed in {args.output}")
     if result.get("images_missing"):
@@ -90,12 +94,33 @@ def _retrieval(args: argparse.Namespace) -> None:
     from .run import evaluate_retrieval_model
 
     model = load_eval_model(args.model or args.checkpoint, args.device)
+    if args.rerank:
+        from .itm_score import require_itm
+
+        require_itm(model)
     result = evaluate_retrieval_model(model, args.karpathy, args.manifest, args.images, args.split,
                                       args.dataset_name, args.batch_size, args.num_workers, not args.no_progress,
-                                      args.max_missing_fraction)
+                                      args.max_missing_fraction, args.rerank)
     if args.checkpoint:
         result["checkpoint"] = str(args.checkpoint)
-    _finish(result, args, RECALL_KEYS)
+    _finish(result, args, RECALL_KEYS, _rerank_table(result, RECALL_KEYS) if args.rerank else None)
+
+
+def _rerank_table(result: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """Dual encoder and ITM re-ranked recalls side by side, with what each took."""
+    rows = [("dual encoder", result, "encode_rank_seconds"),
+            (f"ITM re-rank top {result['rerank_k']}", result["reranked"], "rerank_seconds")]
+    lines = ["| ranking | " + " | ".join(keys) + " | seconds |", "|---|" + "---|" * (len(keys) + 1)]
+    for label, metrics, seconds in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{metrics[k]:.2f}" for k in keys) + f" | {result[seconds]:.1f} |")
+    return "\n".join(lines)
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def register_retrieval(eval_subparsers: argparse._SubParsersAction) -> None:
@@ -113,6 +138,9 @@ def register_retrieval(eval_subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--max-missing-fraction", type=_fraction, default=0.01,
                    help="fail when more of the test images than this are missing or unreadable (default 0.01); "
                         "a smaller gallery scores higher than the benchmark's")
+    r.add_argument("--rerank", type=_non_negative, default=0, metavar="K",
+                   help="also re-rank each query's top K with the checkpoint's ITM head (model.itm) and report "
+                        "both rankings (default 0: the dual encoder only)")
     _common(r, model_flag=False)
     r.set_defaults(func=_retrieval)
 

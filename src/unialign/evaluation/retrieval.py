@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["recall_at_k", "retrieval_metrics", "retrieval_ranks"]
+__all__ = ["metrics_from_ranks", "recall_at_k", "retrieval_metrics", "retrieval_ranks"]
 
 
 def _validate(image_emb: Tensor, text_emb: Tensor, caption_to_image: Tensor, chunk_size: int) -> None:
@@ -140,13 +140,25 @@ def retrieval_metrics(
     ``text_retrieval_recall@{k}`` / ``image_retrieval_recall@{k}`` as fractions,
     named as in CLIP_benchmark so results can be compared directly.
     """
+    ks = _check_ks(ks)
+    text_ranks, image_ranks = retrieval_ranks(image_emb, text_emb, caption_to_image, chunk_size=chunk_size)
+    return metrics_from_ranks(text_ranks, image_ranks, ks)
+
+
+def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
     ks = tuple(ks)
     if not ks:
         raise ValueError("ks must contain at least one k")
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"every k must be a positive int, got {k!r}")
-    text_ranks, image_ranks = retrieval_ranks(image_emb, text_emb, caption_to_image, chunk_size=chunk_size)
+    return ks
+
+
+def metrics_from_ranks(text_ranks: Tensor, image_ranks: Tensor, ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
+    """The metrics of :func:`retrieval_metrics` from ranks already computed (the ranks of
+    :func:`retrieval_ranks`, or re-ranked ones: `evaluation.rerank`)."""
+    ks = _check_ks(ks)
     metrics: dict[str, float] = {}
     for k in ks:
         txt, img = recall_at_k(text_ranks, k), recall_at_k(image_ranks, k)

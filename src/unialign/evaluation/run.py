@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..data.records import RetrievalSet, read_karpathy_eval, read_manifest, retrieval_set
-from .retrieval import retrieval_metrics
+from .retrieval import metrics_from_ranks, retrieval_ranks
 from .specs import EvalError
 
 if TYPE_CHECKING:
@@ -48,13 +49,23 @@ def check_missing(n_missing: int, n_total: int, skipped: list[tuple[str, str]], 
 
 def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, where: str, batch_size: int = 64,
                            num_workers: int = 0, progress: bool = True,
-                           max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION) -> dict[str, Any]:
+                           max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION,
+                           rerank: int = 0) -> dict[str, Any]:
     """Recall@K both ways for one gallery (`where` names it in errors).
 
     Unreadable or missing images are dropped with their captions and counted; more of them than
     `max_missing_fraction` of the gallery is an :class:`EvalError`. The result states what was
     scored (``n_images``, ``n_captions``) and what was missing (``images_missing``,
-    ``captions_missing``, ``skipped``)."""
+    ``captions_missing``, ``skipped``).
+
+    `rerank` K > 0 (a unialign model with an ITM head) also re-ranks each query's top K with the
+    ITM head: the recalls stay the dual encoder's, the re-ranked ones go under ``reranked``, with
+    ``rerank_k``, ``encode_rank_seconds`` and ``rerank_seconds``."""
+    if rerank:
+        from .itm_score import require_itm
+
+        require_itm(model)  # before the encoding pass, not after it
+    start = time.perf_counter()
     image_emb, kept, skipped = model.encode_images(data.images, batch_size, num_workers, progress)
     if not kept:
         raise EvalError(f"no readable image in {where}" + (f" (e.g. {skipped[0][0]}: {skipped[0][1]})"
@@ -64,7 +75,12 @@ def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, w
     captions = [(c, new_index[i]) for c, i in zip(data.captions, data.caption_to_image) if i in new_index]
     text_emb = model.encode_texts([c for c, _ in captions], progress=progress)
     caption_to_image = torch.tensor([i for _, i in captions], dtype=torch.long)
-    metrics = retrieval_metrics(image_emb, text_emb, caption_to_image)
+    ranks = retrieval_ranks(image_emb, text_emb, caption_to_image)
+    metrics = metrics_from_ranks(*ranks)
+    if rerank:
+        metrics["encode_rank_seconds"] = time.perf_counter() - start
+        metrics.update(_rerank(model, image_emb, text_emb, caption_to_image, ranks, rerank,
+                               [data.images[i] for i in kept], [c for c, _ in captions], num_workers, progress))
     return {
         **result_header("retrieval", model.name, dataset),
         **metrics,
@@ -78,18 +94,33 @@ def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, w
     }
 
 
+def _rerank(model: EvalModel, image_emb: torch.Tensor, text_emb: torch.Tensor, caption_to_image: torch.Tensor,
+            ranks: tuple[torch.Tensor, torch.Tensor], k: int, image_paths: list[str], captions: list[str],
+            num_workers: int, progress: bool) -> dict[str, Any]:
+    """The ITM re-ranking of the top `k` (evaluation.rerank), timed."""
+    from .itm_score import ITMPairScorer, require_itm
+    from .rerank import rerank_metrics
+
+    start = time.perf_counter()
+    scorer = ITMPairScorer(require_itm(model), model.preprocess, model.tokenize, image_paths, captions,
+                           model.device, num_workers=num_workers, progress=progress)
+    reranked = rerank_metrics(image_emb, text_emb, caption_to_image, k, scorer, ranks)
+    return {"rerank_k": k, "rerank_seconds": time.perf_counter() - start,
+            "reranked": {key: value for key, value in reranked.items() if key != "rerank_k"}}
+
+
 def evaluate_retrieval(checkpoint: str | Path, karpathy: str | Path, images: str | Path, split: str = "test",
                        batch_size: int = 64, num_workers: int = 0, device: str | None = None,
                        progress: bool = True,
-                       max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION) -> dict[str, Any]:
+                       max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION, rerank: int = 0) -> dict[str, Any]:
     """Recall@K both ways; unreadable images are dropped with their captions and counted (more
-    than `max_missing_fraction` of them is an error)."""
+    than `max_missing_fraction` of them is an error). `rerank` K > 0: also the ITM re-ranking."""
     from .models import UnialignEvalModel
 
     model = UnialignEvalModel(checkpoint, torch.device(device or default_device()))
     data = read_karpathy_eval(karpathy, images, split)
     result = evaluate_retrieval_set(model, data, retrieval_dataset_name(karpathy), f"split {split!r} of {karpathy}",
-                                    batch_size, num_workers, progress, max_missing_fraction)
+                                    batch_size, num_workers, progress, max_missing_fraction, rerank)
     return {**result, "split": split, "checkpoint": str(checkpoint)}
 
 
@@ -97,8 +128,10 @@ def evaluate_retrieval_model(model: EvalModel, karpathy: str | Path | None = Non
                              manifest: str | Path | None = None, images: str | Path | None = None,
                              split: str = "test", dataset_name: str | None = None, batch_size: int = 64,
                              num_workers: int = 0, progress: bool = True,
-                             max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION) -> dict[str, Any]:
+                             max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION,
+                             rerank: int = 0) -> dict[str, Any]:
     """Retrieval on a Karpathy split or on a whole JSONL/CSV manifest (captions grouped by `image_id`).
+    `rerank` K > 0: also re-rank each query's top K with the checkpoint's ITM head.
 
     More than `max_missing_fraction` of the gallery's images missing or unreadable is an error.
 
@@ -118,7 +151,7 @@ def evaluate_retrieval_model(model: EvalModel, karpathy: str | Path | None = Non
         data, source, used_split = retrieval_set(rs.records, rs.skipped_empty), manifest, None
         where = str(manifest)
     result = evaluate_retrieval_set(model, data, dataset_name or retrieval_dataset_name(source), where, batch_size,
-                                    num_workers, progress, max_missing_fraction)
+                                    num_workers, progress, max_missing_fraction, rerank)
     return {**result, "split": used_split, "source": str(source)}
 
 

@@ -58,7 +58,7 @@ def _build(card: InferenceConfig, pretrained: bool) -> SMKE:
     model = SMKE(image, text, shared_depth=m.shared.depth, num_heads=m.shared.num_heads,
                  mlp_ratio=m.shared.mlp_ratio, layer_scale_init=m.shared.layer_scale_init,
                  token_type_scale_init=m.shared.token_type_scale_init, kd_dim=card.kd_dim,
-                 interm_logit_scale=card.itc_interm, text_pool=m.text.pool, head=m.head)
+                 interm_logit_scale=card.itc_interm, text_pool=m.text.pool, head=m.head, itm=m.itm)
     model.freeze(m.image.freeze_layers, m.text.freeze_layers)
     return model
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import Attention, LayerScale, Mlp
 from torch import nn
 
+from .itm import ITMHead
 from .towers import freeze_tower, frozen_modules, layer_depth
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -80,11 +81,14 @@ class SharedBlock(nn.Module):
 
 @dataclass
 class Embeddings:
-    """What the model gives for one modality: all taken from the CLS token."""
+    """What the model gives for one modality: the first three taken from the CLS token."""
 
     embedding: torch.Tensor  # L2-normalised retrieval embedding `x`
     interm: torch.Tensor | None  # L2-normalised first-MLP-layer CLS `x_interm` (None without a shared block)
     kd: torch.Tensor | None  # KD-head output, compared with the teacher's target (None without a KD head)
+    # The shared block's whole output sequence (B, L, D), CLS first: what the ITM head fuses.
+    tokens: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # text: (B, L) bool, True at real tokens; image: None (no padding)
 
 
 class SMKE(nn.Module):
@@ -93,7 +97,7 @@ class SMKE(nn.Module):
     def __init__(self, image_tower: nn.Module, text_tower: nn.Module, shared_depth: int = 1, num_heads: int = 12,
                  mlp_ratio: float = 4.0, layer_scale_init: float = 0.2, token_type_scale_init: float = 1e-5,
                  kd_dim: int | None = None, interm_logit_scale: bool = True, text_pool: Literal["cls", "mean"] = "cls",
-                 head: Literal["none", "linear"] = "none") -> None:
+                 head: Literal["none", "linear"] = "none", itm: bool = False) -> None:
         super().__init__()
         self.image_tower = image_tower
         self.text_tower = text_tower
@@ -117,6 +121,9 @@ class SMKE(nn.Module):
         # Shape (1,), not (): FSDP cannot shard 0-d parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
         self.logit_scale_interm = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT)) if interm_logit_scale else None
+        # Built last, and only when asked for: a model without it draws the same initial weights
+        # and has the same state-dict keys as before the head existed.
+        self.itm_head = ITMHead(width, num_heads, mlp_ratio) if itm else None
         self._init_new_parts()
         # Decided here, on the real shapes: once FSDP has wrapped the model (use_orig_params),
         # every parameter shows as a 1-d view of its shard, and ndim would say "no decay" for all.
@@ -125,7 +132,7 @@ class SMKE(nn.Module):
     def _init_new_parts(self) -> None:
         """normal(0, 0.02) for every new weight; the pretrained towers are left untouched."""
         new_parts = [self.text_proj, self.token_type, self.shared]
-        new_parts += [m for m in (self.kd_head, self.image_head, self.text_head) if m is not None]
+        new_parts += [m for m in (self.kd_head, self.image_head, self.text_head, self.itm_head) if m is not None]
         for part in new_parts:
             for module in part.modules():
                 if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -182,7 +189,8 @@ class SMKE(nn.Module):
             tokens, interm = block(tokens, attn_mask)
         return tokens, interm
 
-    def _embeddings(self, tokens: torch.Tensor, modality: int, attn_mask: torch.Tensor | None) -> Embeddings:
+    def _embeddings(self, tokens: torch.Tensor, modality: int, attn_mask: torch.Tensor | None,
+                    mask: torch.Tensor | None = None) -> Embeddings:
         tokens, interm = self.forward_tokens(tokens, modality, attn_mask)
         cls = tokens[:, 0]
         head = self.image_head if modality == IMAGE else self.text_head
@@ -190,6 +198,8 @@ class SMKE(nn.Module):
             embedding=F.normalize(head(cls) if head is not None else cls, dim=-1),
             interm=F.normalize(interm, dim=-1) if interm is not None else None,
             kd=self.kd_head(cls) if self.kd_head is not None else None,
+            tokens=tokens,
+            mask=mask,
         )
 
     def image_embeddings(self, pixels: torch.Tensor) -> Embeddings:
@@ -202,11 +212,19 @@ class SMKE(nn.Module):
             mean = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1)
             tokens = torch.cat([mean[:, None], tokens[:, 1:]], dim=1)
         keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): padding never attended
-        return self._embeddings(tokens, TEXT, keep)
+        return self._embeddings(tokens, TEXT, keep, attention_mask.bool())
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> tuple[Embeddings, Embeddings]:
         return self.image_embeddings(pixels), self.text_embeddings(input_ids, attention_mask)
+
+    def itm_logits(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+                   text_mask: torch.Tensor | None) -> torch.Tensor:
+        """ITM logits (B, 2; index 1 = match) of B (image, caption) pairs, from the shared block's
+        token outputs (`Embeddings.tokens` / `Embeddings.mask`). Needs a model built with model.itm."""
+        if self.itm_head is None:
+            raise ValueError("this model has no ITM head (it was built without model.itm: true)")
+        return self.itm_head(image_tokens, text_tokens, text_mask)
 
     # open_clip-style API, so CLIP tooling can drive a unialign model.
     # Embeddings are always L2-normalised.

@@ -287,6 +287,8 @@ def create_app(searcher: Searcher, limits: Limits = Limits(),
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
     K = Annotated[int, Query(ge=1, le=limits.max_k, description="number of results")]
+    # Re-ranking needs the model's ITM head: without one the schema itself allows only 0.
+    max_rerank = limits.max_k if getattr(getattr(searcher, "model", None), "itm_head", None) is not None else 0
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def page() -> FileResponse:
@@ -306,12 +308,18 @@ def create_app(searcher: Searcher, limits: Limits = Limits(),
                                        description="text query (not blank)")],
                k: K = 10,
                captions: Annotated[bool, Query(description="match the query against indexed captions")] = False,
+               rerank: Annotated[int, Query(ge=0, le=max_rerank,
+                                            description="re-order the top max(k, rerank) images with the model's "
+                                                        "ITM head (0: the dual encoder's order; the maximum is 0 "
+                                                        "when the model has no ITM head)")] = 0,
                ) -> SearchResponse:
         """Images matching a text query (or, with captions=true, images whose captions match it)."""
         query = q.strip()
         if captions and searcher.caption_index is None:
             raise HTTPException(400, "captions=true: this index holds no captions (build it from a manifest)")
-        hits = searcher.search_captions(query, k) if captions else searcher.search_text(query, k)
+        if rerank and captions:
+            raise HTTPException(400, "rerank applies to image search; it cannot be combined with captions=true")
+        hits = searcher.search_captions(query, k) if captions else searcher.search_text(query, k, rerank=rerank)
         return SearchResponse(mode="captions" if captions else "text", query=query, k=k,
                               results=[_result(h) for h in hits])
 

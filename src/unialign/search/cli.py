@@ -55,6 +55,10 @@ def _search(args: argparse.Namespace) -> None:
         raise SystemExit("unialign search: --captions searches captions with a text QUERY, not with --image")
     if args.k < 1:
         raise SystemExit(f"unialign search: -k must be >= 1, got {args.k}")
+    if args.rerank < 0:
+        raise SystemExit(f"unialign search: --rerank must be >= 0, got {args.rerank}")
+    if args.rerank and (args.image or args.captions):
+        raise SystemExit("unialign search: --rerank re-ranks a text QUERY's images, not --image or --captions")
     try:
         searcher = Searcher(args.index, checkpoint=args.checkpoint, device=args.device, nprobe=args.nprobe,
                             ef_search=args.ef_search)
@@ -63,7 +67,7 @@ def _search(args: argparse.Namespace) -> None:
         elif args.captions:
             hits = searcher.search_captions(args.query.strip(), args.k)
         else:
-            hits = searcher.search_text(args.query.strip(), args.k)
+            hits = searcher.search_text(args.query.strip(), args.k, rerank=args.rerank)
     except (SearchIndexError, ImageLoadError) as err:
         raise _fail(err) from None
     if args.json:
@@ -147,6 +151,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--captions", action="store_true", help="match the text against indexed captions")
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--rerank", type=int, default=0, metavar="N",
+                   help="re-order the top max(k, N) images with the model's ITM head (model.itm; default 0: off)")
     _model_args(p)
     p.set_defaults(func=_search)
 

@@ -99,9 +99,23 @@ class Searcher:
         pixels = self.preprocess(image).unsqueeze(0).to(self.device)
         return self.model.encode_image(pixels).float().cpu().numpy()
 
-    def search_text(self, text: str, k: int = 10) -> list[Hit]:
-        """Images whose embedding is closest to the text's."""
-        return self._image_hits(self.embed_text(text), k)
+    def search_text(self, text: str, k: int = 10, rerank: int = 0) -> list[Hit]:
+        """Images whose embedding is closest to the text's.
+
+        `rerank` > 0 (a model with an ITM head): the top max(k, rerank) hits are re-ordered by the
+        ITM head's match probability of (text, image), read again from the indexed files, and the
+        first k returned; `score` stays the cosine similarity. 0: the dual encoder's order."""
+        if rerank < 0:
+            raise ValueError(f"rerank must be >= 0, got {rerank}")
+        if not rerank:
+            return self._image_hits(self.embed_text(text), k)
+        if self.model.itm_head is None:
+            raise SearchIndexError("rerank needs a checkpoint with an ITM head (trained with model.itm: true); "
+                                   "this index's model has none")
+        from .rerank import rerank_hits
+
+        hits = self._image_hits(self.embed_text(text), max(k, rerank))
+        return rerank_hits(self.model, self.preprocess, self.tokenizer, text, hits, self.device)[:k]
 
     def search_image(self, image: Image.Image, k: int = 10) -> list[Hit]:
         """Indexed images most similar to ``image`` (RGB, as `load_image` returns it)."""

@@ -8,6 +8,7 @@ import logging
 import math
 import random
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from ..config import Config
+from ..config import Config, TrainConfig
 from ..data.sampler import derive_seed
 from ..evaluation import retrieval_metrics
 from ..model.factory import inference_config
@@ -40,7 +41,7 @@ class SMKETraining(L.LightningModule):
     """A run's LightningModule: `task` (a `DistillTask`) computes the losses, this module logs them and
     adds the teacher cache lookup, validation retrieval, the optimiser and RNG checkpointing."""
 
-    task: DistillTask  # its modules are this module's `teacher`, `model`, `itc` and `kd`
+    task: DistillTask  # its modules are this module's `teacher`, `model`, `itc`, `kd` (and momentum parts)
 
     def __init__(self, config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         super().__init__()
@@ -64,6 +65,10 @@ class SMKETraining(L.LightningModule):
         self.model = task.model
         self.itc = task.itc
         self.kd = task.kd
+        # ALBEF's momentum model and ITC queues (loss.queue_size / loss.mod_alpha), None otherwise:
+        # in training checkpoints (a resume continues them exactly), not in weights-only ones.
+        self.momentum_model = task.momentum_model
+        self.itc_momentum = task.itc_momentum
         object.__setattr__(self, "task", task)
         self.kd_dim = task.kd_dim
         self._no_decay = task.no_weight_decay()
@@ -87,6 +92,11 @@ class SMKETraining(L.LightningModule):
         # mode, so without this BERT's dropout would stay off for the whole run. (The teacher
         # ignores it: Teacher.train always sets eval.)
         self.model.train()
+        if self.task.momentum_model is not None:
+            # MoD's warm-up lasts one epoch of optimizer steps (unknown for a loader without a length).
+            batches = self.trainer.num_training_batches
+            if math.isfinite(batches) and batches > 0:
+                self.task.steps_per_epoch = math.ceil(batches / self.cfg.train.accumulate_grad_batches)
         if not self._rng_restored:
             # One dropout stream per rank, drawn after the (identical) initialisation: with the
             # same stream everywhere, ranks whose batches have the same shapes (caption lengths
@@ -157,8 +167,7 @@ class SMKETraining(L.LightningModule):
         except with gradient clipping under mixed precision: a fused optimizer unscales inside its
         step, after the point where Lightning clips, and Lightning refuses the combination (for
         bf16-mixed too)."""
-        t = self.cfg.train
-        return self.device.type in FUSED_ADAMW_DEVICES and not (t.grad_clip and t.precision != "32-true")
+        return fused_adamw(self.device, self.cfg.train)
 
     def _named_unwrapped(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(name.replace(FSDP_WRAPPED, ""), p) for name, p in self.named_parameters()]
@@ -172,23 +181,15 @@ class SMKETraining(L.LightningModule):
         return adamw_groups(self._named_unwrapped(), self.cfg.train.weight_decay, self._no_decay, lr, self._lr_scale)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        t = self.cfg.train
-        global_batch = t.batch_size * self.trainer.world_size * t.accumulate_grad_batches
-        lr = t.base_lr * global_batch / 256 if t.scale_lr else t.base_lr
-        optimizer = torch.optim.AdamW(self.param_groups(lr), lr=lr, betas=t.betas, eps=t.eps,
-                                      fused=self.fused_adamw())
-        self.trainer.estimated_stepping_batches  # sets up the train loader so its length is known
-        total = math.ceil(self.trainer.num_training_batches / t.accumulate_grad_batches) * t.epochs  # optimizer steps
-        total = min(total, t.max_steps) if t.max_steps > 0 else total  # so a cut run ends at the cosine's end
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_fraction * total), total)
-        log.info("lr %.3g (base %.3g, global batch %d), %d steps, %d warm-up", lr, t.base_lr, global_batch,
-                 total, int(t.warmup_fraction * total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self.trainer, self.cfg.train, self.param_groups, self.fused_adamw())
 
     # --------------------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        # Weights-only checkpoints (final.ckpt: Lightning leaves out the optimizer) are for inference,
+        # which needs the student alone: the momentum model and the queues are training state.
+        dropped = ("teacher.",) if "optimizer_states" in checkpoint else ("teacher.", "momentum_model.", "itc_momentum.")
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(dropped)}
         if self.tokenizer is not None:
             checkpoint["unialign"] = inference_config(self.model, self.cfg, self.tokenizer, self.kd_dim).to_checkpoint()
         # Every rank's RNG state (ranks draw different dropout masks); every rank runs this hook.
@@ -227,3 +228,27 @@ class SMKETraining(L.LightningModule):
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"], torch.cuda.current_device())
         self._rng_restored = True
+
+
+# The optimiser recipe as functions, so other Lightning modules (training/hf_dual.py) train with it too.
+
+
+def fused_adamw(device: torch.device, t: TrainConfig) -> bool:
+    """Whether AdamW runs fused on `device` under the train config `t` (see `SMKETraining.fused_adamw`)."""
+    return device.type in FUSED_ADAMW_DEVICES and not (t.grad_clip and t.precision != "32-true")
+
+
+def adamw_warmup_cosine(trainer: L.Trainer, t: TrainConfig, param_groups: Callable[[float], list[dict[str, Any]]],
+                        fused: bool) -> dict[str, Any]:
+    """`configure_optimizers`' answer: AdamW over `param_groups(lr)`, lr = base_lr scaled to the global
+    batch (train.scale_lr), linear warm-up then cosine to 0 over the run's optimizer steps."""
+    global_batch = t.batch_size * trainer.world_size * t.accumulate_grad_batches
+    lr = t.base_lr * global_batch / 256 if t.scale_lr else t.base_lr
+    optimizer = torch.optim.AdamW(param_groups(lr), lr=lr, betas=t.betas, eps=t.eps, fused=fused)
+    trainer.estimated_stepping_batches  # sets up the train loader so its length is known
+    total = math.ceil(trainer.num_training_batches / t.accumulate_grad_batches) * t.epochs  # optimizer steps
+    total = min(total, t.max_steps) if t.max_steps > 0 else total  # so a cut run ends at the cosine's end
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_fraction * total), total)
+    log.info("lr %.3g (base %.3g, global batch %d), %d steps, %d warm-up", lr, t.base_lr, global_batch,
+             total, int(t.warmup_fraction * total))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -6,6 +6,7 @@ FSDP and compile tests (as open_clip's `training_forward` or FLAVA's model retur
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from torch import nn
 
 from ..config import Config, LossConfig
 from ..losses import ContrastiveDistillationLoss, ContrastiveLoss, MSEDistillationLoss
+from ..losses.itm import itm_loss
+from ..losses.momentum import MomentumContrastiveLoss, ema_update_
 from ..model.factory import create_student, read_checkpoint, student_state_dict
 from ..model.smke import SMKE, no_weight_decay_names
 from ..model.teacher import Teacher
@@ -29,6 +32,11 @@ class DistillTask(nn.Module):
     asks for) and their weighted sum, ``loss``. The batch holds ``image``, ``input_ids``,
     ``attention_mask`` and ``image_id``; for the KD loss either ``teacher_target`` (from a teacher
     cache) or a teacher in the task (run on ``teacher_image`` when the batch has one, else ``image``).
+
+    With ``loss.queue_size`` or ``loss.mod_alpha`` (ALBEF), `momentum_model` is an EMA copy of the
+    student (no gradient, no dropout), updated in `after_optimizer_step`, and `itc_momentum` replaces
+    the main ITC (feature queues, momentum distillation). MoD's weight ramps from 0 over the first
+    `steps_per_epoch` optimizer steps; whoever drives the training sets it (None: no ramp).
     """
 
     def __init__(self, model: SMKE, loss: LossConfig, teacher: Teacher | None = None,
@@ -41,6 +49,13 @@ class DistillTask(nn.Module):
         self.itc = ContrastiveLoss()
         self.kd = kd
         self.loss_config = loss
+        # Registered after the others, so the names and order of the existing parameters stay as they were.
+        self.momentum_model: SMKE | None = None
+        self.itc_momentum: MomentumContrastiveLoss | None = None
+        if loss.uses_momentum_model:
+            self.momentum_model = momentum_copy(model)
+            self.itc_momentum = MomentumContrastiveLoss(model.width, loss.queue_size)
+        self.steps_per_epoch: int | None = None
         # Decided at construction, on the real shapes (see SMKE.no_weight_decay); the teacher is frozen.
         self._no_decay = frozenset({f"model.{name}" for name in model.no_weight_decay()}
                                    | no_weight_decay_names(kd, "kd."))
@@ -91,9 +106,14 @@ class DistillTask(nn.Module):
         image_ids = batch["image_id"] if cfg.same_image_positives else None
         img, txt = self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
         scale, scale_interm = self.model.scales()
-        itc = self.itc(img.embedding, txt.embedding, scale, image_ids)
+        if self.itc_momentum is None:
+            itc = self.itc(img.embedding, txt.embedding, scale, image_ids)
+        else:
+            m_img, m_txt = self._momentum_embeddings(batch)
+            itc = self.itc_momentum(img.embedding, txt.embedding, m_img, m_txt, scale, image_ids, self.mod_alpha())
         out = {"itc": itc}
         if cfg.itc_interm:
+            # In-batch, as the author's code: the queues and ALBEF's distillation are of the final embeddings.
             out["itc_interm"] = self.itc(img.interm, txt.interm, scale_interm, image_ids)
             itc = (itc + out["itc_interm"]) / 2
         loss = cfg.itc_weight * itc
@@ -106,8 +126,29 @@ class DistillTask(nn.Module):
                 targets = self.teacher(batch.get("teacher_image", batch["image"]))
             out["kd"] = self.kd(img.kd.float(), txt.kd.float(), targets, image_ids)
             loss = loss + cfg.kd_weight * out["kd"]
+        if self.model.itm_head is not None:
+            # ALBEF's hard negatives are drawn from the local batch's ITC similarities; captions of
+            # the same image are never drawn, whatever same_image_positives says for ITC.
+            sim = (img.embedding @ txt.embedding.T).detach()
+            out["itm"] = itm_loss(self.model, img.tokens, txt.tokens, txt.mask, sim, batch["image_id"], scale).loss
+            loss = loss + cfg.itm_weight * out["itm"]
         out["loss"] = loss
         return out
+
+    @torch.no_grad()
+    def _momentum_embeddings(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.momentum_model is not None
+        if self.momentum_model.training:  # Lightning's .train() reaches it too: keep dropout off
+            self.momentum_model.eval()
+        img, txt = self.momentum_model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        return img.embedding, txt.embedding
+
+    def mod_alpha(self) -> float:
+        """MoD's weight now: ALBEF's linear ramp from 0 to ``loss.mod_alpha`` over the first epoch."""
+        alpha = self.loss_config.mod_alpha
+        if alpha == 0 or self.itc_momentum is None or not self.steps_per_epoch:
+            return alpha
+        return alpha * min(1.0, self.itc_momentum.steps_taken / self.steps_per_epoch)
 
     def no_weight_decay(self) -> set[str]:
         """Names (as in this module: ``model.``, ``kd.``) of the trained parameters without weight decay."""
@@ -119,10 +160,29 @@ class DistillTask(nn.Module):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Keep the learned scales in range: the ITC logit scales, the KD temperature."""
+        """Keep the learned scales in range: the ITC logit scales, the KD temperature; then move the
+        momentum model towards the student (after the clamp, so it averages in-range scales)."""
         self.model.clamp_scales_()
         if isinstance(self.kd, ContrastiveDistillationLoss):
             self.kd.clamp_temperature_()
+        if self.momentum_model is not None and self.itc_momentum is not None:
+            ema_update_(self.momentum_model.parameters(), self.model.parameters(), self.loss_config.momentum)
+            self.itc_momentum.count_step_()
+
+
+def momentum_copy(model: SMKE) -> SMKE:
+    """A frozen copy of the student (ALBEF's momentum model), equal to it, in eval mode.
+
+    Frozen tower parts are duplicated too (simple and safe under DDP and checkpointing; the cost
+    is their memory). Parts compiled in place keep, after deepcopy, a compiled call bound to the
+    student's module: they are compiled again on their own copy."""
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+            module.compile()
+    twin.requires_grad_(False)
+    return twin.eval()
 
 
 def init_from(model: SMKE, path: Path) -> None:
