@@ -94,10 +94,6 @@ def _retrieval(args: argparse.Namespace) -> None:
     from .run import evaluate_retrieval_model
 
     model = load_eval_model(args.model or args.checkpoint, args.device)
-    if args.rerank:
-        from .itm_score import require_itm
-
-        require_itm(model)
     result = evaluate_retrieval_model(model, args.karpathy, args.manifest, args.images, args.split,
                                       args.dataset_name, args.batch_size, args.num_workers, not args.no_progress,
                                       args.max_missing_fraction, args.rerank)
