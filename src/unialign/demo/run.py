@@ -61,6 +61,17 @@ class StepProgress(L.Callback):
             self.bar.set_postfix_str(f"{self.name} loss {float(loss):.3f}", refresh=False)
 
 
+def _holds_run_of(cfg: Config, run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run (finished or not) of this config; one of another config is refused
+    rather than overwritten."""
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        return False
+    if yaml.safe_load(config_file.read_text()) != cfg.model_dump(mode="json"):
+        raise FileExistsError(f"{run_dir} holds a run with another config; choose another --output")
+    return True
+
+
 def train_or_reuse(cfg: Config, run_dir: Path, callbacks: list[L.Callback]) -> tuple[dict[str, Any], bool]:
     """Train, or reuse a finished run of the identical config (re-running the demo is free).
 
@@ -72,10 +83,7 @@ def train_or_reuse(cfg: Config, run_dir: Path, callbacks: list[L.Callback]) -> t
     """
     from ..training.trainer import CHECKPOINT_DIR, FINAL, LAST, resume_checkpoint, run_files, train
 
-    config_file = run_dir / "config.yaml"
-    if config_file.is_file():
-        if yaml.safe_load(config_file.read_text()) != cfg.model_dump(mode="json"):
-            raise FileExistsError(f"{run_dir} holds a run with another config; choose another --output")
+    if _holds_run_of(cfg, run_dir):
         summary_file = run_dir / "summary.json"
         if summary_file.is_file() and (run_dir / CHECKPOINT_DIR / FINAL).is_file():
             return json.loads(summary_file.read_text()), True
@@ -97,10 +105,8 @@ def train_hf_or_reuse(cfg: Config, run_dir: Path, callbacks: list[L.Callback]) -
 
     from ..training.hf_dual import HF_FOLDER, train_hf_dual_encoder
 
-    config_file, summary_file = run_dir / "config.yaml", run_dir / "summary.json"
-    if config_file.is_file():
-        if yaml.safe_load(config_file.read_text()) != cfg.model_dump(mode="json"):
-            raise FileExistsError(f"{run_dir} holds a run with another config; choose another --output")
+    summary_file = run_dir / "summary.json"
+    if _holds_run_of(cfg, run_dir):
         if summary_file.is_file() and (run_dir / HF_FOLDER).is_dir():
             return json.loads(summary_file.read_text()), True
         shutil.rmtree(run_dir)
