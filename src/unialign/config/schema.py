@@ -282,7 +282,10 @@ class TrainConfig(_Strict):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: int | Literal["auto"] = "auto"
     num_nodes: int = Field(1, ge=1)
-    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
+    # ddp: one process per device, each starting the command afresh (scripts, clusters); ddp_spawn /
+    # ddp_fork: the worker processes are spawned or forked from this one (notebooks; fork starts in
+    # a moment, as nothing is imported again, but only while CUDA is not yet initialised)
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp"] = "auto"
     checkpoint_every_steps: int = Field(1000, ge=1)
     val_every_steps: int | None = None  # default: validate at the end of each epoch
     log_every_steps: int = Field(50, ge=1)

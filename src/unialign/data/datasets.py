@@ -18,6 +18,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -240,6 +241,7 @@ class ShardStream:
         return image, name, caption, image_id
 
 
+@dataclass(eq=False)
 class MixedIterableDataset(IterableDataset):
     """Several streams randomly interleaved (weights default to source sizes), cut into a
     fixed-length epoch of ``sum(sizes) // (world_size * batch_size)`` batches per rank.
@@ -250,25 +252,28 @@ class MixedIterableDataset(IterableDataset):
     which is what :meth:`skip` relies on to resume mid-epoch.
     """
 
-    def __init__(self, streams: Sequence[PairStream], transform: Transform,
-                 teacher_transform: Transform | None = None, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, batch_size: int = 1, weights: Sequence[float] | None = None) -> None:
-        if not streams:
+    streams: Sequence[PairStream]
+    transform: Transform
+    teacher_transform: Transform | None = None
+    _: KW_ONLY
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    batch_size: int = 1
+    weights: Sequence[float] | None = None
+    epoch: int = field(default=0, init=False)
+    _skip_batches: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.streams:
             raise ValueError("need at least one stream")
-        self.streams = list(streams)
-        self.transform = transform
-        self.teacher_transform = teacher_transform
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.batch_size = batch_size
-        self.weights = list(weights) if weights is not None else [float(s.size) for s in self.streams]
+        self.streams = list(self.streams)
+        self.weights = list(self.weights) if self.weights is not None else [float(s.size) for s in self.streams]
         total = sum(s.size for s in self.streams)
-        self.batches_per_epoch = total // (world_size * batch_size)
+        self.batches_per_epoch = total // (self.world_size * self.batch_size)
         if self.batches_per_epoch < 1:
-            raise DataError(f"{total} pairs make no full batch of {batch_size} on each of {world_size} rank(s)")
-        self.epoch = 0
-        self._skip_batches = 0
+            raise DataError(f"{total} pairs make no full batch of {self.batch_size} on each of "
+                            f"{self.world_size} rank(s)")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import Sampler
@@ -16,6 +17,7 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest, "big") & ((1 << 63) - 1)
 
 
+@dataclass(eq=False)
 class ResumableSampler(Sampler[int]):
     """DistributedSampler semantics plus :meth:`skip` for resuming inside an epoch.
 
@@ -26,26 +28,25 @@ class ResumableSampler(Sampler[int]):
     head. ``on_set_epoch`` lets a dataset follow the epoch (for per-epoch augmentation).
     """
 
-    def __init__(self, length: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False, on_set_epoch: Callable[[int], None] | None = None) -> None:
-        if length < 0:
-            raise ValueError(f"length must be >= 0, got {length}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        self.length = length
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.drop_last = drop_last
-        self.on_set_epoch = on_set_epoch
-        self.epoch = 0
-        self._skip = 0
-        if drop_last:
-            self.num_samples = length // world_size
-        else:
-            self.num_samples = math.ceil(length / world_size)
-        self.total_size = self.num_samples * world_size
+    length: int
+    shuffle: bool = True
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = False
+    on_set_epoch: Callable[[int], None] | None = None
+    epoch: int = field(default=0, init=False)
+    _skip: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.length < 0:
+            raise ValueError(f"length must be >= 0, got {self.length}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+        # drop_last rounds this rank's share down, otherwise up (padded in indices())
+        self.num_samples = (self.length // self.world_size if self.drop_last
+                            else -(-self.length // self.world_size))
+        self.total_size = self.num_samples * self.world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

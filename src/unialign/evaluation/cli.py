@@ -14,6 +14,7 @@ import argparse
 import sys
 from typing import Any, Callable
 
+from ..cli import int_at_least
 from .specs import FORMATS, GLUE_DEFAULTS, GLUE_TASKS, EvalError, FinetuneConfig, with_overrides
 
 
@@ -68,8 +69,8 @@ def _common(p: argparse.ArgumentParser, model_flag: bool = True, batch_flag: boo
     p.add_argument("--name", help="label for the model in results and reports (default: the --model text)")
     p.add_argument("--output", required=True, help="results JSON")
     if batch_flag:
-        p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
-    p.add_argument("--num-workers", type=int, default=0)
+        p.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per encoding batch")
+    p.add_argument("--num-workers", type=int_at_least(0), default=0)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -112,13 +113,6 @@ def _rerank_table(result: dict[str, Any], keys: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def register_retrieval(eval_subparsers: argparse._SubParsersAction) -> None:
     """`unialign eval retrieval`: a unialign --checkpoint or any --model, on a Karpathy split or a manifest."""
     r = eval_subparsers.add_parser("retrieval", help="image-text retrieval recall@K (Karpathy split or manifest)")
@@ -134,7 +128,7 @@ def register_retrieval(eval_subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--max-missing-fraction", type=_fraction, default=0.01,
                    help="fail when more of the test images than this are missing or unreadable (default 0.01); "
                         "a smaller gallery scores higher than the benchmark's")
-    r.add_argument("--rerank", type=_non_negative, default=0, metavar="K",
+    r.add_argument("--rerank", type=int_at_least(0), default=0, metavar="K",
                    help="also re-rank each query's top K with the checkpoint's ITM head (model.itm) and report "
                         "both rankings (default 0: the dual encoder only)")
     _common(r, model_flag=False)
@@ -171,8 +165,8 @@ def _linear_probe(args: argparse.Namespace) -> None:
 def _finetune_args(p: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
     """Optimiser flags; unset ones keep the task's defaults (shown in --help)."""
     p.add_argument("--checkpoint", required=True, help="unialign checkpoint (fine-tuning needs the real network)")
-    p.add_argument("--epochs", type=int, help=f"default {defaults.epochs}")
-    p.add_argument("--batch-size", type=int, help=f"training and evaluation batch (default {defaults.batch_size})")
+    p.add_argument("--epochs", type=int_at_least(1), help=f"default {defaults.epochs}")
+    p.add_argument("--batch-size", type=int_at_least(1), help=f"training and evaluation batch (default {defaults.batch_size})")
     p.add_argument("--lr", type=float, help=f"default {defaults.lr}")
     p.add_argument("--weight-decay", type=float, help=f"default {defaults.weight_decay}")
     p.add_argument("--warmup-fraction", type=float, help=f"default {defaults.warmup_fraction}")
@@ -223,7 +217,7 @@ def register_eval(eval_subparsers: argparse._SubParsersAction) -> None:
     p = eval_subparsers.add_parser("linear-probe", help="logistic regression on frozen image embeddings")
     _dataset_args(p, train=True)
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of train held out to choose L2")
-    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
+    p.add_argument("--max-iter", type=int_at_least(1), default=1000, help="L-BFGS iterations per fit")
     p.add_argument("--seed", type=int, default=0, help="validation split seed")
     _common(p)
     p.set_defaults(func=_linear_probe)
@@ -242,7 +236,7 @@ def register_eval(eval_subparsers: argparse._SubParsersAction) -> None:
     # dest differs from `task`, the name `unialign eval` stores its subcommand under
     p.add_argument("--task", dest="glue_task", required=True, choices=sorted(GLUE_TASKS))
     _finetune_args(p, GLUE_DEFAULTS)
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example (pair) incl. [CLS]/[SEP]")
+    p.add_argument("--max-length", type=int_at_least(1), default=128, help="tokens per example (pair) incl. [CLS]/[SEP]")
     p.add_argument("--dropout", type=float, default=0.1, help="before the classification layer")
     _common(p, model_flag=False, batch_flag=False)
     p.set_defaults(func=_glue)

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cli import int_at_least
+
 
 def _fail(err: Exception) -> SystemExit:
     return SystemExit(f"unialign: error: {err}")
@@ -53,10 +55,6 @@ def _search(args: argparse.Namespace) -> None:
         raise SystemExit("unialign search: the text QUERY is empty (give some words, or --image PATH)")
     if args.image and args.captions:
         raise SystemExit("unialign search: --captions searches captions with a text QUERY, not with --image")
-    if args.k < 1:
-        raise SystemExit(f"unialign search: -k must be >= 1, got {args.k}")
-    if args.rerank < 0:
-        raise SystemExit(f"unialign search: --rerank must be >= 0, got {args.rerank}")
     if args.rerank and (args.image or args.captions):
         raise SystemExit("unialign search: --rerank re-ranks a text QUERY's images, not --image or --captions")
     try:
@@ -106,19 +104,12 @@ def _serve(args: argparse.Namespace) -> None:
         raise _fail(err) from None
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="model file (default: the one the index was built with; must be the same model)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    p.add_argument("--nprobe", type=_positive_int, default=None, help="IVF lists scanned per query")
-    p.add_argument("--ef-search", type=_positive_int, default=None, help="HNSW candidates per query")
+    p.add_argument("--nprobe", type=int_at_least(1), default=None, help="IVF lists scanned per query")
+    p.add_argument("--ef-search", type=int_at_least(1), default=None, help="HNSW candidates per query")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -136,9 +127,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--index-type", choices=["auto", "flat", "ivf", "hnsw"], default=None,
                    help="FAISS index (default: keep the index's type; auto for a new one = exact up to 50,000 "
                         "vectors, IVF above)")
-    b.add_argument("--batch-size", type=_positive_int, default=64)
-    b.add_argument("--num-workers", type=int, default=0)
-    b.add_argument("--chunk-size", type=_positive_int, default=2048,
+    b.add_argument("--batch-size", type=int_at_least(1), default=64)
+    b.add_argument("--num-workers", type=int_at_least(0), default=0)
+    b.add_argument("--chunk-size", type=int_at_least(1), default=2048,
                    help="images embedded per committed chunk (what an interruption can lose)")
     b.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -149,9 +140,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True)
     p.add_argument("--image", help="query image file (image-to-image search)")
     p.add_argument("--captions", action="store_true", help="match the text against indexed captions")
-    p.add_argument("-k", type=int, default=10, help="number of results")
+    p.add_argument("-k", type=int_at_least(1), default=10, help="number of results")
     p.add_argument("--json", action="store_true", help="print results as JSON")
-    p.add_argument("--rerank", type=int, default=0, metavar="N",
+    p.add_argument("--rerank", type=int_at_least(0), default=0, metavar="N",
                    help="re-order the top max(k, N) images with the model's ITM head (model.itm; default 0: off)")
     _model_args(p)
     p.set_defaults(func=_search)
@@ -164,7 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also answer requests whose Host header is HOST (repeatable; default: only localhost, "
                         "127.0.0.1, ::1 and --host; '*' answers any host, which allows DNS rebinding)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted query image")
-    p.add_argument("--max-query-chars", type=_positive_int, default=512)
-    p.add_argument("--max-k", type=_positive_int, default=100)
+    p.add_argument("--max-query-chars", type=int_at_least(1), default=512)
+    p.add_argument("--max-k", type=int_at_least(1), default=100)
     _model_args(p)
     p.set_defaults(func=_serve)

@@ -84,7 +84,7 @@ class _StepCheckpoint(ModelCheckpoint):
 
 class _RunEnd(Callback):
     """Writes ``last.ckpt``, ``final.ckpt`` and ``summary.json`` when training ends, in the
-    process(es) that trained: under ``ddp_spawn`` the launching process gets the weights back but
+    process(es) that trained: under ``ddp_spawn``/``ddp_fork`` the launching process gets the weights back but
     neither the optimizer nor the loop's progress, so a checkpoint written there would resume
     from step 0."""
 
@@ -117,10 +117,11 @@ class _RunEnd(Callback):
 
 def _strategy(cfg: Config) -> Strategy | str:
     t = cfg.train
-    if t.strategy in ("ddp", "ddp_spawn"):
+    if t.strategy in ("ddp", "ddp_spawn", "ddp_fork"):
         # The memory bank is a buffer identical on every rank; broadcasting it each step costs
         # ~200 MB of traffic for nothing.
-        return DDPStrategy(start_method="spawn" if t.strategy == "ddp_spawn" else "popen", broadcast_buffers=False)
+        start_method = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork"}[t.strategy]
+        return DDPStrategy(start_method=start_method, broadcast_buffers=False)
     if t.strategy == "fsdp":
         return FSDPStrategy(state_dict_type="full", **fsdp_options())
     return t.strategy
