@@ -23,7 +23,6 @@ distillation, all of them.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -129,7 +128,6 @@ def training_cost(cfg: Any, args: argparse.Namespace, device: torch.device) -> d
         momentum = sum(p.numel() for p in task.momentum_model.parameters()) if task.momentum_model is not None else 0
         rows[label] = {"flops_per_pair": flops // args.train_batch, "trainable_params": trainable,
                        "itm_head_params": itm, "momentum_model_params": momentum}
-        del task
     base = rows["S-SMKE"]["flops_per_pair"]
     for r in rows.values():
         r["x_baseline"] = round(r["flops_per_pair"] / base, 3)
