@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="fairseq checkpoint, e.g. base_imagenet.pt")
     p.add_argument("output", help="converted file, for model.image.checkpoint")
     p.add_argument("--ema", action="store_true", help="take the EMA teacher's weights instead of the student's")
-    p.add_argument("--num-heads", type=int_at_least(1), default=None, help="when the checkpoint has no cfg.model.num_heads")
+    p.add_argument("--num-heads", type=int_at_least(1), default=None,
+                   help="when the checkpoint has no cfg.model.num_heads")
     p.add_argument("--trust-pickle", action="store_true",
                    help="unpickle Python objects besides tensors (only for files from a source you trust)")
     p.set_defaults(func=_convert_data2vec2)
@@ -216,12 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--output", required=True, help="cache directory (targets.npy, image_ids.npy, meta.json)")
     p.add_argument("--batch-size", type=int_at_least(1), default=256)
-    p.add_argument("--num-workers", type=int_at_least(0), default=None, help="decoding workers (default: data.num_workers)")
+    p.add_argument("--num-workers", type=int_at_least(0), default=None,
+                   help="decoding workers (default: data.num_workers)")
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage type of the targets")
     p.add_argument("--precision", choices=["32", "bf16", "16"], default=None,
                    help="teacher autocast (default: bf16 on CUDA, 32 on CPU)")
-    p.add_argument("--chunk-size", type=int_at_least(1), default=4096, help="images per resumable unit of a map-style source")
+    p.add_argument("--chunk-size", type=int_at_least(1), default=4096,
+                   help="images per resumable unit of a map-style source")
     p.add_argument("--overwrite", action="store_true", help="replace an existing or unfinished cache")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_teacher_cache)

@@ -166,7 +166,8 @@ def _finetune_args(p: argparse.ArgumentParser, defaults: FinetuneConfig) -> None
     """Optimiser flags; unset ones keep the task's defaults (shown in --help)."""
     p.add_argument("--checkpoint", required=True, help="unialign checkpoint (fine-tuning needs the real network)")
     p.add_argument("--epochs", type=int_at_least(1), help=f"default {defaults.epochs}")
-    p.add_argument("--batch-size", type=int_at_least(1), help=f"training and evaluation batch (default {defaults.batch_size})")
+    p.add_argument("--batch-size", type=int_at_least(1),
+                   help=f"training and evaluation batch (default {defaults.batch_size})")
     p.add_argument("--lr", type=float, help=f"default {defaults.lr}")
     p.add_argument("--weight-decay", type=float, help=f"default {defaults.weight_decay}")
     p.add_argument("--warmup-fraction", type=float, help=f"default {defaults.warmup_fraction}")
@@ -236,7 +237,8 @@ def register_eval(eval_subparsers: argparse._SubParsersAction) -> None:
     # dest differs from `task`, the name `unialign eval` stores its subcommand under
     p.add_argument("--task", dest="glue_task", required=True, choices=sorted(GLUE_TASKS))
     _finetune_args(p, GLUE_DEFAULTS)
-    p.add_argument("--max-length", type=int_at_least(1), default=128, help="tokens per example (pair) incl. [CLS]/[SEP]")
+    p.add_argument("--max-length", type=int_at_least(1), default=128,
+                   help="tokens per example (pair) incl. [CLS]/[SEP]")
     p.add_argument("--dropout", type=float, default=0.1, help="before the classification layer")
     _common(p, model_flag=False, batch_flag=False)
     p.set_defaults(func=_glue)
