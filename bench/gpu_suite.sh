@@ -8,6 +8,7 @@
 #   bash bench/gpu_suite.sh io        # COCO-5K-sized eval + input pipeline (CPU workers, nvJPEG)
 #   bash bench/gpu_suite.sh train     # `unialign train`, DDP then FSDP, killed once and resumed
 #   bash bench/gpu_suite.sh profile   # torch.profiler operator tables: online step, CLIP baseline
+#   bash bench/gpu_suite.sh rerank    # ALBEF's options: COCO-5K re-ranking (K = 128) and training FLOPs
 #
 # Arguments after the part go to every benchmark it runs, not to pytest (`bash bench/gpu_suite.sh
 # io --small` checks the plumbing on any machine). Results go to $OUT (the device tool's folder)
@@ -16,7 +17,7 @@
 # unialign itself runs from src/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?"which part: first, compile, io or train"}
+part=${1:?"which part: first, compile, io, train, profile or rerank"}
 shift
 extra=("$@")
 out=${OUT:-bench_out}
@@ -73,5 +74,6 @@ case $part in
     profile)  # where the step's time goes: torch.profiler tables of the online step and the CLIP baseline
         run train_step_profile train_step.py --workdir "$work" --steps 5 --warmup 3 --profile "$out/profile" \
             --variants unialign-bf16-online,clip-vit-b16-bert-base ;;
-    *) echo "unknown part $part (first, compile, io, train, profile)" >&2; exit 2 ;;
+    rerank) run rerank rerank.py --workdir /tmp/ua_eval ;;
+    *) echo "unknown part $part (first, compile, io, train, profile, rerank)" >&2; exit 2 ;;
 esac
