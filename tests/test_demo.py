@@ -105,7 +105,8 @@ def _load_reproduce() -> ModuleType:
 def test_reproduce_smoke(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reproduce = _load_reproduce()
     groups = reproduce.groups(reproduce.CPU)
-    assert list(groups) == ["baseline", "kd", "pretrained", "bank", "depth", "layers", "albef", "batch"]
+    assert list(groups) == ["baseline", "kd", "pretrained", "bank", "depth", "layers", "queue", "mod", "itm",
+                            "albef", "batch"]
     # Stand-in towers keep the smoke run to seconds; the real ones are covered by the demo test.
     monkeypatch.setattr(reproduce, "check_assets", lambda: dict(ALL_MISSING))
     out = tmp_path / "repro"
@@ -124,9 +125,15 @@ def test_reproduce_smoke(tmp_path: Path, cache: Path, monkeypatch: pytest.Monkey
     # The base model is also the KD group's first row: trained once, but it alone tests nothing.
     assert summary["groups"]["kd"]["verdict"] == "not run"
     assert len(summary["groups"]["kd"]["variants"]) == 1
-    # ALBEF's group: the re-ranked rows are scored after ITM re-ranking and keep the dual encoder's recalls
-    reproduce.main(["--quick", "--only", "albef", "--steps", "2", "--output", str(out), "--cache", str(cache)])
+    # ALBEF's groups: the re-ranked rows are scored after ITM re-ranking and keep the dual encoder's recalls,
+    # which the ITM group's "dual encoder" row shows (the same runs: trained once)
+    reproduce.main(["--quick", "--only", "queue", "mod", "itm", "albef", "--steps", "2", "--output", str(out),
+                    "--cache", str(cache)])
     runs = json.loads((out / "results.json").read_text())["scales"].popitem()[1]["runs"].values()
-    reranked = [r for r in runs if "re-rank" in r["variant"]]
+    reranked = [r for r in runs if r["overrides"].get("model.itm")]
     assert len(reranked) == 2 and all(r["rerank_s"] > 0 and "r_mean" in r["dual_metrics"] for r in reranked)
-    assert len([r for r in runs if r["group"] == "albef"]) == 4  # S-SMKE itself was trained for "pretrained"
+    assert len(runs) == 2 + 4  # S-SMKE itself was trained for "pretrained"
+    itm = json.loads((out / "reproduction.json").read_text())["groups"]["itm"]["variants"]
+    (itm_run,) = [r for r in reranked if r["group"] == "itm"]
+    assert itm["ITM head, dual encoder"]["mean"]["r_mean"] == itm_run["dual_metrics"]["r_mean"]
+    assert itm[f"ITM head, re-rank top {reproduce.RERANK_K}"]["mean"]["r_mean"] == itm_run["metrics"]["r_mean"]

@@ -201,6 +201,40 @@ def test_itm_loss_trains_the_head_and_the_tokens_and_module_form_is_seeded():
     torch.testing.assert_close(again.loss, out.loss)
 
 
+def test_head_learns_which_caption_matches_which_image():
+    """Trained with the hard-negative loss on token sets whose pairing is learnable (each of 8
+    classes has its own image and text token pattern, unrelated across modalities), the head ranks
+    a caption's own image above the other classes' images: a head that cannot learn, or a
+    match / no-match index swapped between the loss and `match_probability`, fails this."""
+    g = torch.Generator().manual_seed(0)
+    classes, dim, n_img, n_txt = 8, 32, 5, 6
+    proto_img, proto_txt = torch.randn(classes, 1, dim, generator=g), torch.randn(classes, 1, dim, generator=g)
+
+    def pairs(cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = 0.5
+        return (proto_img[cls] + noise * torch.randn(len(cls), n_img, dim, generator=g),
+                proto_txt[cls] + noise * torch.randn(len(cls), n_txt, dim, generator=g))
+
+    head = _head(dim)
+    loss_fn = ITMLoss(seed=0)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    for _ in range(150):
+        cls = torch.randperm(classes, generator=g)
+        image, text = pairs(cls)
+        loss = loss_fn(head, image, text, None, _sims(classes), cls, torch.tensor(10.0)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    head.eval()
+    with torch.no_grad():
+        image, text = pairs(torch.arange(classes))
+        # every caption against every image: (caption c, image i) at [c, i]
+        scores = match_probability(head(image.repeat(classes, 1, 1),
+                                        text.repeat_interleave(classes, dim=0))).view(classes, classes)
+    assert (scores.argmax(dim=1) == torch.arange(classes)).float().mean() >= 0.75, scores
+    assert scores.diagonal().mean() > 0.5 > scores[~torch.eye(classes, dtype=torch.bool)].mean()
+
+
 # --------------------------------------------------------------------------------------- the model
 
 
