@@ -176,8 +176,8 @@ def groups(scale: Scale) -> dict[str, Group]:
               "targets helps (ALBEF)", "+ MoD 0.4",
               (Variant("S-SMKE", {}), Variant("+ MoD 0.4", {"loss.mod_alpha": 0.4})),
               note="MoD's alpha ramps up over the first epoch, as in ALBEF."),
-        Group("itm", "ALBEF: ITM re-ranking", f"re-ranking the dual encoder's top K with an ITM head lifts "
-              f"recall, R@1 most (ALBEF)", f"ITM head, re-rank top {RERANK_K}",
+        Group("itm", "ALBEF: ITM re-ranking", "re-ranking the dual encoder's top K with an ITM head lifts "
+              "recall, R@1 most (ALBEF)", f"ITM head, re-rank top {RERANK_K}",
               (Variant("ITM head, dual encoder", itm, rerank=RERANK_K, scored="dual_metrics"),
                Variant(f"ITM head, re-rank top {RERANK_K}", itm, rerank=RERANK_K)),
               note=f"The same trained models (ITC + KD + the ITM loss with hard negatives, loss.itm_weight 1) in "
