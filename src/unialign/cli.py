@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline demo: generate data, train, evaluate, search")
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--quick", action="store_true",
-                   help="a smaller, faster run for CI: a few steps, the first 100 test images of each held-out set")
+                   help="a smaller, faster run for CI: a few steps, 100 test images of each real held-out set")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("convert", help="convert released weights to a file unialign loads")
