@@ -282,9 +282,9 @@ def comparisons(group: Group, stats: Stats) -> list[tuple[str, float, float, str
 def verdict(group: Group, stats: Stats) -> str:
     """Held: the paper's choice beat every other variant beyond the seed noise; did not hold:
     some variant beat it beyond the noise; otherwise not resolved (with what was resolved)."""
-    if len(stats) < 2 or group.best not in stats:
+    if len(stats) < 2:
         return "not run"
-    if len(stats) < len(group.variants):
+    if len(stats) < len(group.variants) or group.best not in stats:
         return f"partly run ({len(stats)} of {len(group.variants)} variants), no verdict"
     if min(n for _, _, n in stats.values()) < 2:
         return "one seed, no verdict"

