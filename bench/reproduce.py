@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", type=Path, help="Markdown report; PNGs and JSON go next to it "
                         "(default: docs/REPRODUCTION.md; with --quick: OUTPUT/REPRODUCTION.md)")
     parser.add_argument("--cache", type=Path, default=None, help="asset cache (default: the demo's)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report from the stored runs; train none of the missing ones")
     parser.add_argument("--assets", type=Path, default=None, metavar="BUNDLE",
                         help="the real assets from a folder bench/device_assets.py unpacked (for a machine that "
                         "cannot install them) instead of the installed packages")
@@ -439,7 +441,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
         for variant in group.variants:
             for seed in seeds:
                 run_id = f"{variant_key(base, variant)}-seed{seed}"
-                if run_id not in store["runs"] and run_id not in {t[3] for t in todo}:
+                if not args.report_only and run_id not in store["runs"] and run_id not in {t[3] for t in todo}:
                     todo.append((group, variant, seed, run_id, run_config(base, variant, seed, steps, cache)))
     from unialign.config import parse_config
 
