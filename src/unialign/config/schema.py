@@ -293,6 +293,10 @@ class TrainConfig(_Strict):
     progress_bar: bool = True
     # torch.compile the towers, shared block(s) and online teacher (in place: same state_dict keys)
     compile: bool = False
+    # Keep the output of the image tower's frozen input side and first blocks (model.image.freeze_layers)
+    # per training image, computed when the image is first seen; later steps run only the blocks above
+    # (training/prefix_cache.py). Exact for un-augmented views; costs images x tokens x width values.
+    cache_frozen_image: bool = False
 
     @model_validator(mode="after")
     def _fsdp_needs_gpu(self) -> "TrainConfig":
@@ -324,4 +328,15 @@ class Config(_Strict):
                              "teacher.view: separate needs data.decode: host")
         if self.teacher.cache is not None and (not self.teacher.enabled or self.loss.kd == "none"):
             raise ValueError("teacher.cache is set but no distillation runs (teacher.enabled false or loss.kd none)")
+        if self.train.cache_frozen_image:
+            why = []
+            if self.model.image.freeze_layers == 0:
+                why.append("model.image.freeze_layers is 0 (nothing frozen to cache)")
+            if self.data.train_scale != (1.0, 1.0) or self.data.hflip:
+                why.append(f"training views are augmented (data.train_scale {list(self.data.train_scale)}, "
+                           f"data.hflip {self.data.hflip}; the cache needs [1, 1] and false)")
+            if self.train.strategy == "fsdp":
+                why.append("train.strategy is fsdp (the cached blocks would be sharded)")
+            if why:
+                raise ValueError("train.cache_frozen_image: " + "; ".join(why))
         return self

@@ -313,6 +313,9 @@ def demo_config(assets: DemoAssets, scale: Scale, row: Row) -> dict[str, Any]:
             "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true",
             "accelerator": "auto", "devices": 1, "checkpoint_every_steps": 10**9, "log_every_steps": 5,
             "progress_bar": False, "loggers": ["csv"],
+            # the un-augmented views make the frozen image blocks' output a fixed function of the
+            # image: computed in the first epoch, read in the other four (training/prefix_cache.py)
+            "cache_frozen_image": not row.hf_dual and (row.baseline or scale.image_freeze > 0),
         },
     }
     if row.baseline:

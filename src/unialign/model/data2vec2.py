@@ -137,10 +137,14 @@ class Data2Vec2Encoder(nn.Module):
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         nn.init.normal_(self.cls_token)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The input side: patches + positions, CLS, input LayerNorm."""
         x = self.patch_embed(pixels) + self.pos_embed
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.norm_pre(x)
+        return self.norm_pre(x)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.embed(pixels)
         for block in self.blocks:
             x = block(x)
         return x

@@ -203,7 +203,11 @@ class SMKE(nn.Module):
         )
 
     def image_embeddings(self, pixels: torch.Tensor) -> Embeddings:
-        return self._embeddings(self.image_tower(pixels), IMAGE, None)
+        return self.embed_image_tokens(self.image_tower(pixels))
+
+    def embed_image_tokens(self, tokens: torch.Tensor) -> Embeddings:
+        """The image side above the tower: `tokens` is the tower's output sequence (B, L, D), CLS first."""
+        return self._embeddings(tokens, IMAGE, None)
 
     def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Embeddings:
         tokens = self.text_proj(self.text_tower(input_ids, attention_mask))

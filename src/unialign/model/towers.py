@@ -9,10 +9,7 @@ fairseq's Data2Vec 2.0 in unialign's own implementation).
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -24,6 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from .data2vec2 import Data2Vec2Arch, Data2Vec2Encoder, load_converted
+from .hf_loading import quiet_local_load, text_model_from_config, text_model_from_pretrained
 
 
 def select_layers(total: int, layers: int | list[int], what: str) -> list[int]:
@@ -121,6 +119,38 @@ class ImageTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    # The same forward in two parts, split after kept block n: the input side and the first n blocks
+    # (what `freeze_layers: n` fixes, so their output can be computed once per image and reused),
+    # then the rest. forward(p) == forward_suffix(forward_prefix(p, n), n) for every 0 <= n <= num_blocks.
+    def split_error(self) -> str | None:
+        """Why this tower cannot be split after a block (None: it can)."""
+        return f"{type(self).__name__} cannot be split after a block"
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(self.split_error())
+
+    def _blocks(self) -> list[nn.Module]:
+        raise NotImplementedError(self.split_error())
+
+    def _final(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def forward_prefix(self, pixels: torch.Tensor, n: int) -> torch.Tensor:
+        tokens = self._embed(pixels)
+        for block in self._blocks()[:n]:
+            tokens = _block_output(block(tokens))
+        return tokens
+
+    def forward_suffix(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
+        for block in self._blocks()[n:]:
+            tokens = _block_output(block(tokens))
+        return self._final(tokens)
+
+
+def _block_output(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """transformers' layers return a tensor or (depending on the version) a tuple led by it."""
+    return out[0] if isinstance(out, tuple) else out
+
 
 class TimmImageTower(ImageTower):
     def __init__(self, name: str, pretrained: bool, checkpoint: Path | None, layers: int | list[int] | None,
@@ -149,6 +179,21 @@ class TimmImageTower(ImageTower):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(pixels)
 
+    def split_error(self) -> str | None:
+        if isinstance(self.model, timm.models.vision_transformer.VisionTransformer):
+            return None
+        return f"only timm's VisionTransformer can be split after a block, not {type(self.model).__name__}"
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        m = self.model  # VisionTransformer.forward_features up to its blocks
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(pixels))))
+
+    def _blocks(self) -> list[nn.Module]:
+        return list(self.model.blocks)
+
+    def _final(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(tokens)
+
 
 class HFImageTower(ImageTower):
     """Hugging Face ViT/DINOv2/BEiT/Data2VecVision models."""
@@ -163,7 +208,7 @@ class HFImageTower(ImageTower):
         if hf_config is not None:
             model = AutoModel.from_config(hf_config_from_dict(hf_config))
         elif pretrained:
-            with _no_bar_for_local(name):
+            with quiet_local_load(name):
                 model = AutoModel.from_pretrained(name, **kwargs)
         else:
             model = AutoModel.from_config(AutoConfig.from_pretrained(name, **kwargs))
@@ -186,6 +231,23 @@ class HFImageTower(ImageTower):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixels).last_hidden_state
+
+    def split_error(self) -> str | None:
+        # Models whose forward is embeddings -> layers (hidden states only) -> layernorm; BEiT-like
+        # ones pass relative position biases between their layers.
+        kind = self.model.config.model_type
+        return None if kind in ("dinov2", "vit") else f"Hugging Face {kind!r} towers cannot be split after a block"
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.embeddings(pixels)
+
+    def _blocks(self) -> list[nn.Module]:
+        found = _layer_list(self.model)
+        assert found is not None
+        return list(getattr(*found))
+
+    def _final(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.layernorm(tokens)
 
 
 class Data2Vec2ImageTower(ImageTower):
@@ -228,6 +290,15 @@ class Data2Vec2ImageTower(ImageTower):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixels)
 
+    def split_error(self) -> str | None:
+        return None
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(pixels)
+
+    def _blocks(self) -> list[nn.Module]:
+        return list(self.model.blocks)
+
 
 IMAGE_BACKENDS: dict[str, Callable[..., ImageTower]] = {"timm": TimmImageTower, "hf": HFImageTower,
                                                         "data2vec2": Data2Vec2ImageTower}
@@ -251,13 +322,13 @@ class TextTower(nn.Module):
         # BERT-style configs name their two dropouts so; `None` keeps the model's own.
         overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
         if hf_config is not None:
-            model = _text_model_from_config(hf_config_from_dict({**hf_config, **overrides}))
+            model = text_model_from_config(hf_config_from_dict({**hf_config, **overrides}))
         elif pretrained:
-            model = _text_model_from_pretrained(name, **overrides)
+            model = text_model_from_pretrained(name, **overrides)
         else:
             config = AutoConfig.from_pretrained(name)
             config.update(overrides)
-            model = _text_model_from_config(config)
+            model = text_model_from_config(config)
         if hf_config is None:
             truncate_hf_layers(model, layers, f"text model {name!r}")
         self.model = model
@@ -277,65 +348,3 @@ class TextTower(nn.Module):
             mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
         segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         return self.model(input_ids=input_ids, attention_mask=mask, **segments).last_hidden_state
-
-
-@contextmanager
-def _no_bar_for_local(name: str) -> Iterator[None]:
-    """transformers draws a "Loading weights" bar for every load: for a local folder it lasts under
-    a second and only looks like work in progress; hub downloads keep their bars."""
-    from transformers.utils import logging as hf_logging
-
-    if not Path(name).expanduser().is_dir() or not hf_logging.is_progress_bar_enabled():
-        yield
-        return
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()
-
-
-class _HeldLoadReport(logging.Filter):
-    """Keeps transformers' load report back (it is logged as a warning) until the load is judged."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "LOAD REPORT" in record.getMessage():
-            self.records.append(record)
-            return False
-        return True
-
-
-def _text_model_from_pretrained(name: str, **config_overrides: Any) -> nn.Module:
-    """The encoder only. Checkpoint weights beyond it (the pooler, pre-training heads) are unused by
-    design, and transformers would report them as UNEXPECTED on every load: its report is shown only
-    when weights are missing or the load fails."""
-    kwargs = {"attn_implementation": "sdpa", "output_loading_info": True, **config_overrides}
-    report = logging.getLogger("transformers.modeling_utils")
-    held = _HeldLoadReport()
-    report.addFilter(held)
-    missing = True  # until the load succeeds
-    try:
-        with _no_bar_for_local(name):
-            try:
-                model, info = AutoModel.from_pretrained(name, add_pooling_layer=False, **kwargs)
-            except TypeError:  # models without a pooler do not take the flag
-                model, info = AutoModel.from_pretrained(name, **kwargs)
-        missing = bool(info["missing_keys"])
-    finally:
-        report.removeFilter(held)
-        for record in held.records if missing else []:
-            report.handle(record)
-    return model
-
-
-def _text_model_from_config(config: PretrainedConfig) -> nn.Module:
-    config._attn_implementation = "sdpa"
-    try:
-        return AutoModel.from_config(config, add_pooling_layer=False)
-    except TypeError:
-        return AutoModel.from_config(config)
-

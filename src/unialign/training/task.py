@@ -21,6 +21,7 @@ from ..losses.momentum import MomentumContrastiveLoss, ema_update_
 from ..model.factory import create_student, read_checkpoint, student_state_dict
 from ..model.smke import SMKE, no_weight_decay_names
 from ..model.teacher import Teacher
+from .prefix_cache import FrozenPrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class DistillTask(nn.Module):
     asks for) and their weighted sum, ``loss``. The batch holds ``image``, ``input_ids``,
     ``attention_mask`` and ``image_id``; for the KD loss either ``teacher_target`` (from a teacher
     cache) or a teacher in the task (run on ``teacher_image`` when the batch has one, else ``image``).
+    With ``train.cache_frozen_image`` the batch also holds ``prefix_rows`` and ``prefix_fill``, from
+    ``prefix_cache.plan`` (``SMKETraining.on_before_batch_transfer``).
 
     With ``loss.queue_size`` or ``loss.mod_alpha`` (ALBEF), `momentum_model` is an EMA copy of the
     student (no gradient, no dropout), updated in `after_optimizer_step`, and `itc_momentum` replaces
@@ -56,6 +59,8 @@ class DistillTask(nn.Module):
             self.momentum_model = momentum_copy(model)
             self.itc_momentum = MomentumContrastiveLoss(model.width, loss.queue_size)
         self.steps_per_epoch: int | None = None
+        # train.cache_frozen_image: the image tower's frozen prefix by image id (planned by the caller)
+        self.prefix_cache: FrozenPrefixCache | None = None
         # Decided at construction, on the real shapes (see SMKE.no_weight_decay); the teacher is frozen.
         self._no_decay = frozenset({f"model.{name}" for name in model.no_weight_decay()}
                                    | no_weight_decay_names(kd, "kd."))
@@ -93,7 +98,14 @@ class DistillTask(nn.Module):
                                              learnable_temperature=loss.kd_learnable_temperature)
         elif loss.kd == "mse":
             kd = MSEDistillationLoss()
-        return cls(model, loss, teacher, kd)
+        task = cls(model, loss, teacher, kd)
+        if cfg.train.cache_frozen_image:
+            frozen = cfg.model.image.freeze_layers
+            tower = model.image_tower
+            if tower.split_error():
+                raise ValueError(f"train.cache_frozen_image: {tower.split_error()}")
+            task.prefix_cache = FrozenPrefixCache(tower.num_blocks if frozen == "all" else min(frozen, tower.num_blocks))
+        return task
 
     @property
     def kd_dim(self) -> int | None:
@@ -104,7 +116,12 @@ class DistillTask(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         cfg = self.loss_config
         image_ids = batch["image_id"] if cfg.same_image_positives else None
-        img, txt = self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        if self.prefix_cache is None:
+            img, txt = self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        else:
+            img = self.model.embed_image_tokens(self.prefix_cache.tokens(
+                self.model.image_tower, batch["image"], batch["prefix_rows"], batch["prefix_fill"]))
+            txt = self.model.text_embeddings(batch["input_ids"], batch["attention_mask"])
         scale, scale_interm = self.model.scales()
         if self.itc_momentum is None:
             itc = self.itc(img.embedding, txt.embedding, scale, image_ids)
