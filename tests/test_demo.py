@@ -123,7 +123,8 @@ def test_reproduce_smoke(tmp_path: Path, cache: Path, monkeypatch: pytest.Monkey
     assert all(0.0 <= v["mean"]["r_mean"] <= 100.0 for v in variants.values())
     assert summary["groups"]["depth"]["verdict"] == "not run"
     # --report-only rewrites the report and trains none of the missing runs; each run names its machine
-    reproduce.main(["--quick", "--only", "kd", "--report-only", "--steps", "2", "--output", str(out), "--cache", str(cache)])
+    reproduce.main(["--quick", "--only", "kd", "--report-only", "--steps", "2", "--output", str(out),
+                    "--cache", str(cache)])
     stored = json.loads((out / "results.json").read_text())["scales"].popitem()[1]["runs"]
     assert stored.keys() == store["runs"].keys() and all(r["machine"] for r in stored.values())
     assert f"Trained on: {store['runs'].popitem()[1]['machine']}." in (out / "REPRODUCTION.md").read_text()

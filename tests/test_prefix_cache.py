@@ -3,6 +3,7 @@ run with the cache against the same run without it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from transformers import Dinov2Config
 
 from conftest import TINY_VIT, eval_view_config
 from unialign.config import parse_config
-from unialign.model.towers import ImageTower, build_image_tower
+from unialign.model.towers import ImageTower, TextTower, build_image_tower
 from unialign.training.prefix_cache import FrozenPrefixCache
 from unialign.training.trainer import CHECKPOINT_DIR, FINAL, train
 
@@ -43,42 +44,52 @@ def test_a_tower_split_after_any_block_is_the_whole_forward(backend: str) -> Non
     assert not torch.allclose(tower.forward_prefix(pixels, 1), tower.forward_prefix(pixels, 0))
 
 
-class CountingTower(torch.nn.Module):
-    """A tower whose prefix doubles the pixels' mean per image and whose suffix adds 1; counts the
-    images its prefix has seen."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = 0
-
-    def forward_prefix(self, pixels: torch.Tensor, n: int) -> torch.Tensor:
-        self.seen += pixels.shape[0]
-        return 2 * pixels.mean(dim=(1, 2, 3))[:, None, None].expand(-1, 3, 4)
-
-    def forward_suffix(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
-        return tokens + 1
-
-
-def test_the_cache_computes_each_image_once_and_serves_it_after() -> None:
-    cache, tower = FrozenPrefixCache(2), CountingTower()
-    pixels = {i: torch.full((3, 2, 2), float(i)) for i in range(10)}
+def test_the_cache_computes_each_input_once_and_serves_it_after() -> None:
+    """Images: one length. Each call of `prefix` is counted; the stored value of input i is 2i."""
+    cache, computed = FrozenPrefixCache(2), []
 
     def step(ids: list[int]) -> torch.Tensor:
-        plan = cache.plan(torch.tensor(ids))
-        return cache.tokens(tower, torch.stack([pixels[i] for i in ids]), plan["prefix_rows"], plan["prefix_fill"])
+        rows, fill = cache.plan(ids)
+
+        def prefix(idx: torch.Tensor) -> torch.Tensor:
+            computed.extend(ids[i] for i in idx.tolist())
+            return torch.tensor([2.0 * ids[i] for i in idx.tolist()])[:, None, None].expand(-1, 3, 4)
+
+        return cache.read(prefix, rows, fill)[:, 0, 0]
 
     # image 3 twice in one batch: one row, filled once
-    plan = cache.plan(torch.tensor([3, 5, 3]))
-    assert plan["prefix_rows"].tolist() == [0, 1, 0] and plan["prefix_fill"].tolist() == [0, 1]
-    out = cache.tokens(tower, torch.stack([pixels[i] for i in (3, 5, 3)]), plan["prefix_rows"], plan["prefix_fill"])
-    assert tower.seen == 2
-    assert out[:, 0, 0].tolist() == [7.0, 11.0, 7.0]
-    # seen images are read, new ones computed; the store grows past its first size
-    out = step([5, 0, 1, 2, 4, 6, 7, 8, 9])
-    assert tower.seen == 2 + 8 and cache.store.shape[0] >= 10
-    assert out[:, 0, 0].tolist() == [2 * i + 1.0 for i in (5, 0, 1, 2, 4, 6, 7, 8, 9)]
-    out = step([9, 3, 5])
-    assert tower.seen == 10 and out[:, 0, 0].tolist() == [19.0, 7.0, 11.0]
+    rows, fill = cache.plan([3, 5, 3])
+    assert rows.tolist() == [0, 1, 0] and fill.tolist() == [0, 1]
+    cache.rows.clear()
+    assert step([3, 5, 3]).tolist() == [6.0, 10.0, 6.0] and computed == [3, 5]
+    # seen inputs are read, new ones computed; the store grows past its first size
+    assert step([5, 0, 1, 2, 4, 6, 7, 8, 9]).tolist() == [2.0 * i for i in (5, 0, 1, 2, 4, 6, 7, 8, 9)]
+    assert computed == [3, 5, 0, 1, 2, 4, 6, 7, 8, 9] and cache.store.shape[0] >= 10
+    assert step([9, 3, 5]).tolist() == [18.0, 6.0, 10.0] and len(computed) == 10
+
+
+def test_captions_of_different_lengths_share_one_store() -> None:
+    """Text: entries up to `length` tokens; a batch reads as many as it has, zeros past a caption's end."""
+    cache = FrozenPrefixCache(1, length=6)
+    rows, fill = cache.plan([(1, 2), (3, 4, 5, 6)])
+    cache.read(lambda i: torch.ones(len(i), 4, 2), rows, fill, 4)
+    rows, fill = cache.plan([(1, 2), (7,)])
+    assert fill.tolist() == [1]
+    out = cache.read(lambda i: torch.full((len(i), 2, 2), 5.0), rows, fill, 6)
+    assert out.shape == (2, 6, 2)
+    assert out[0, :4].eq(1).all() and out[0, 4:].eq(0).all()
+    assert out[1, :2].eq(5).all() and out[1, 2:].eq(0).all()
+
+
+def test_the_text_tower_split_after_any_layer_is_the_whole_forward(text_model_dir: Path) -> None:
+    tower = TextTower(str(text_model_dir), pretrained=True, layers=3).eval()
+    ids = torch.randint(5, 20, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:], mask[2, 2:] = 0, 0
+    whole = tower(ids, mask)
+    for n in range(4):
+        out = tower.forward_suffix(tower.forward_prefix(ids, mask, n), mask, n)
+        torch.testing.assert_close(out[mask.bool()], whole[mask.bool()], rtol=1e-5, atol=1e-5)
 
 
 def test_config_rejects_the_cache_where_it_would_be_wrong_or_useless(small_world: Path, text_model_dir: Path,
@@ -91,30 +102,79 @@ def test_config_rejects_the_cache_where_it_would_be_wrong_or_useless(small_world
     raw["data"]["hflip"] = True
     with pytest.raises(ValueError, match=r"training views are augmented .*data.hflip True"):
         parse_config(raw)
+    raw["data"]["hflip"] = False
+    raw["train"]["cache_frozen_text"] = True
+    with pytest.raises(ValueError, match=r"train.cache_frozen_text: model.text.freeze_layers is 0"):
+        parse_config(raw)
 
 
 @pytest.mark.parametrize("freeze", [1, "all"])
-def test_a_run_with_the_cache_equals_the_run_without(small_world: Path, text_model_dir: Path,
-                                                     teacher_checkpoint: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch, freeze: int | str) -> None:
-    """Three epochs over 16 un-augmented images: the cached run computes the frozen prefix of each
-    image once (16 images, not 48) and ends with the same weights and losses as the online run."""
-    seen: list[int] = []
-    prefix = ImageTower.forward_prefix
+def test_a_run_with_the_caches_equals_the_run_without(small_world: Path, text_model_dir: Path,
+                                                      teacher_checkpoint: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, freeze: int | str) -> None:
+    """Three epochs over 16 un-augmented images with 2 captions each: the cached run computes the
+    frozen prefix of each image once (16 images, not 48) and of each distinct caption once, and ends
+    with the same weights and losses as the online run."""
+    seen: dict[str, list[int]] = {"image": [], "text": []}
+    image_prefix, text_prefix = ImageTower.forward_prefix, TextTower.forward_prefix
 
-    def counting(self: ImageTower, pixels: torch.Tensor, n: int) -> torch.Tensor:
-        seen.append(pixels.shape[0])
-        return prefix(self, pixels, n)
+    def image_counting(self: ImageTower, pixels: torch.Tensor, n: int) -> torch.Tensor:
+        seen["image"].append(pixels.shape[0])
+        return image_prefix(self, pixels, n)
 
-    monkeypatch.setattr(ImageTower, "forward_prefix", counting)
+    def text_counting(self: TextTower, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+        seen["text"].append(ids.shape[0])
+        return text_prefix(self, ids, mask, n)
+
+    monkeypatch.setattr(ImageTower, "forward_prefix", image_counting)
+    monkeypatch.setattr(TextTower, "forward_prefix", text_counting)
     finals = {}
     for cached in (False, True):
-        raw = eval_view_config(small_world, text_model_dir, teacher_checkpoint, epochs=3, cache_frozen_image=cached)
+        raw = eval_view_config(small_world, text_model_dir, teacher_checkpoint, epochs=3, cache_frozen_image=cached,
+                               cache_frozen_text=cached)
+        raw["data"]["cache_images"] = cached
         raw["model"]["image"]["freeze_layers"] = freeze
+        raw["model"]["text"]["freeze_layers"] = freeze
         summary = train(parse_config(raw), tmp_path / str(cached))
         ckpt = torch.load(tmp_path / str(cached) / CHECKPOINT_DIR / FINAL, map_location="cpu", weights_only=True)
         finals[cached] = (summary["metrics"]["train/loss"], ckpt["state_dict"])
-    assert sum(seen) == 16  # the online run never splits the tower; the cached one fills each image once
+    # the online run never splits a tower; the cached one fills each image and each caption once
+    captions = {r["raw"] for im in json.loads((small_world / "dataset_synthetic.json").read_text())["images"]
+                if im["split"] == "train" for r in im["sentences"]}
+    assert sum(seen["image"]) == 16 and sum(seen["text"]) == len(captions)
     assert finals[True][0] == pytest.approx(finals[False][0], rel=1e-4)
     for name, value in finals[False][1].items():
         torch.testing.assert_close(finals[True][1][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cached_images_are_decoded_once_and_equal_the_fresh_ones(small_world: Path, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    """data.cache_images: the un-augmented view of each image is decoded in the first epoch only, and
+    every later epoch serves the same tensor as a fresh decode would."""
+    import unialign.data.datasets as datasets
+    from unialign.data.records import read_karpathy
+    from unialign.data.transforms import build_image_transform
+
+    records = read_karpathy(small_world / "dataset_synthetic.json", small_world, ["train"]).records
+    transform = build_image_transform(32, (0.5,) * 3, (0.5,) * 3, train=True, scale=(1.0, 1.0), hflip=False,
+                                      normalize=False)
+    loads: list[str] = []
+    real_load = datasets.load_image
+
+    def counting(image, name):
+        loads.append(name)
+        return real_load(image, name=name)
+
+    monkeypatch.setattr(datasets, "load_image", counting)
+    kept = datasets.PairDataset(records, transform, keep_images=True)
+    fresh = datasets.PairDataset(records, transform)
+    for epoch in range(3):
+        kept.set_epoch(epoch)
+        fresh.set_epoch(epoch)
+        for i in range(len(records)):
+            a, b = kept[i], fresh[i]
+            assert torch.equal(a["image"], b["image"]) and a["caption"] == b["caption"] and a["index"] == i
+    images = {r.image for r in records}
+    assert len(loads) == len(images) + 3 * len(records)  # kept: each image once; fresh: every sample, every epoch
+    with pytest.raises(ValueError, match="data.cache_images needs un-augmented views"):
+        parse_config({"data": {"train": [{"type": "karpathy", "path": "x.json", "images": "."}], "cache_images": True}})

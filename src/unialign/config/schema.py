@@ -231,6 +231,10 @@ class DataConfig(_Strict):
     # handful of lengths instead of one per batch (torch.compile recompiles less) and aligned kernels.
     pad_to_multiple_of: int = Field(8, ge=1)
     num_workers: int = Field(4, ge=0)
+    # Keep each training image decoded and transformed after its first use (map-style sources,
+    # un-augmented views, data.decode: host). Lasts in the loading process: with num_workers 0 (small
+    # data on a CPU) all epochs after the first skip decoding; loader workers start afresh each epoch.
+    cache_images: bool = False
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # fail when more of the data than this is unreadable
 
     @field_validator("train_scale")
@@ -251,6 +255,14 @@ class DataConfig(_Strict):
                 raise ValueError(f"train[{i}] and train[{seen[ns]}] both number their images in id namespace "
                                  f"{ns!r}; give one of them its own id_namespace")
             seen.setdefault(ns, i)
+        return self
+
+    @model_validator(mode="after")
+    def _cached_images_are_not_augmented(self) -> "DataConfig":
+        if self.cache_images and (self.train_scale != (1.0, 1.0) or self.hflip or self.decode != "host"):
+            raise ValueError(f"data.cache_images needs un-augmented views decoded on the host (data.train_scale "
+                             f"[1, 1], data.hflip false, data.decode host; got {list(self.train_scale)}, "
+                             f"{self.hflip}, {self.decode})")
         return self
 
     @model_validator(mode="after")
@@ -297,6 +309,7 @@ class TrainConfig(_Strict):
     # per training image, computed when the image is first seen; later steps run only the blocks above
     # (training/prefix_cache.py). Exact for un-augmented views; costs images x tokens x width values.
     cache_frozen_image: bool = False
+    cache_frozen_text: bool = False  # the same for the text tower's frozen layers (model.text.freeze_layers)
 
     @model_validator(mode="after")
     def _fsdp_needs_gpu(self) -> "TrainConfig":
@@ -323,20 +336,23 @@ class Config(_Strict):
         if self.teacher.color_jitter is not None and self.teacher.view != "separate":
             raise ValueError("teacher.color_jitter needs teacher.view: separate (with view: same the teacher "
                              "sees the student's pixels)")
+        if self.data.cache_images and self.teacher.enabled and self.teacher.view == "separate":
+            raise ValueError("data.cache_images keeps the student's view only; teacher.view: separate draws the "
+                             "teacher's own at every step")
         if self.data.decode == "device" and self.teacher.enabled and self.teacher.view == "separate":
             raise ValueError("data.decode: device decodes each image once, on the device, for the student's view; "
                              "teacher.view: separate needs data.decode: host")
         if self.teacher.cache is not None and (not self.teacher.enabled or self.loss.kd == "none"):
             raise ValueError("teacher.cache is set but no distillation runs (teacher.enabled false or loss.kd none)")
-        if self.train.cache_frozen_image:
+        for part, on in (("image", self.train.cache_frozen_image), ("text", self.train.cache_frozen_text)):
             why = []
-            if self.model.image.freeze_layers == 0:
-                why.append("model.image.freeze_layers is 0 (nothing frozen to cache)")
-            if self.data.train_scale != (1.0, 1.0) or self.data.hflip:
+            if on and getattr(self.model, part).freeze_layers == 0:
+                why.append(f"model.{part}.freeze_layers is 0 (nothing frozen to cache)")
+            if on and part == "image" and (self.data.train_scale != (1.0, 1.0) or self.data.hflip):
                 why.append(f"training views are augmented (data.train_scale {list(self.data.train_scale)}, "
                            f"data.hflip {self.data.hflip}; the cache needs [1, 1] and false)")
-            if self.train.strategy == "fsdp":
+            if on and self.train.strategy == "fsdp":
                 why.append("train.strategy is fsdp (the cached blocks would be sharded)")
             if why:
-                raise ValueError("train.cache_frozen_image: " + "; ".join(why))
+                raise ValueError(f"train.cache_frozen_{part}: " + "; ".join(why))
         return self

@@ -98,12 +98,15 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[Record], transform: Transform,
-                 teacher_transform: Transform | None = None, seed: int = 0) -> None:
+                 teacher_transform: Transform | None = None, seed: int = 0, keep_images: bool = False) -> None:
         self.records = records
         self.transform = transform
         self.teacher_transform = teacher_transform
         self.seed = seed
         self.epoch = 0
+        # data.cache_images: an un-augmented view is the same at every epoch, so each image is
+        # decoded and transformed once (per loading process: worker processes start afresh each epoch)
+        self.kept: dict[str, torch.Tensor] | None = {} if keep_images else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -113,8 +116,14 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         rec = self.records[index]
-        sample = make_sample(rec.image, rec.image, rec.caption, rec.image_id, self.transform,
-                             self.teacher_transform, derive_seed(self.seed, self.epoch, index))
+        image = None if self.kept is None or not isinstance(rec.image, str) else self.kept.get(rec.image)
+        if image is not None:
+            sample: Sample = {"image": image, "caption": rec.caption, "image_id": rec.image_id}
+        else:
+            sample = make_sample(rec.image, rec.image, rec.caption, rec.image_id, self.transform,
+                                 self.teacher_transform, derive_seed(self.seed, self.epoch, index))
+            if self.kept is not None and isinstance(rec.image, str) and isinstance(sample.get("image"), torch.Tensor):
+                self.kept[rec.image] = sample["image"]
         if not is_bad(sample):
             sample["index"] = index  # lets distributed evaluation restore the original order
         return sample
@@ -325,12 +334,12 @@ class MixedIterableDataset(IterableDataset):
 def build_train_dataset(sources: Sequence[RecordSet | WebDatasetSource], transform: Transform,
                         teacher_transform: Transform | None = None, seed: int = 0, *, rank: int = 0,
                         world_size: int = 1, batch_size: int = 1,
-                        shuffle_buffer: int = 1000) -> PairDataset | MixedIterableDataset:
+                        shuffle_buffer: int = 1000, keep_images: bool = False) -> PairDataset | MixedIterableDataset:
     """Map-style when every source is (one PairDataset over all records, shuffled by a
     sampler); otherwise every source becomes a stream and they are randomly mixed."""
     if all(isinstance(s, RecordSet) for s in sources):
         records = [r for s in sources for r in s.records]  # type: ignore[union-attr]
-        return PairDataset(records, transform, teacher_transform, seed)
+        return PairDataset(records, transform, teacher_transform, seed, keep_images)
     streams: list[PairStream] = [
         ShardStream(s, shuffle_buffer) if isinstance(s, WebDatasetSource) else RecordStream(s.records, s.source)
         for s in sources]

@@ -306,6 +306,7 @@ def demo_config(assets: DemoAssets, scale: Scale, row: Row) -> dict[str, Any]:
             "hflip": False,
             # on 2 CPU cores a loader process only competes with the model; a GPU waits for decoding
             "num_workers": min(8, os.cpu_count() or 1) if gpu else 0,
+            "cache_images": True,  # un-augmented: decoded in the first epoch only (with num_workers 0)
         },
         "train": {
             "epochs": scale.epochs, "max_steps": scale.max_steps, "batch_size": scale.batch_size,
@@ -313,9 +314,10 @@ def demo_config(assets: DemoAssets, scale: Scale, row: Row) -> dict[str, Any]:
             "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true",
             "accelerator": "auto", "devices": 1, "checkpoint_every_steps": 10**9, "log_every_steps": 5,
             "progress_bar": False, "loggers": ["csv"],
-            # the un-augmented views make the frozen image blocks' output a fixed function of the
-            # image: computed in the first epoch, read in the other four (training/prefix_cache.py)
+            # the un-augmented views make the frozen blocks' output a fixed function of the image (and
+            # of the caption): computed in the first epoch, read in the other four (training/prefix_cache.py)
             "cache_frozen_image": not row.hf_dual and (row.baseline or scale.image_freeze > 0),
+            "cache_frozen_text": not row.hf_dual and (row.baseline or scale.text_freeze > 0),
         },
     }
     if row.baseline:

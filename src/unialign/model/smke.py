@@ -210,7 +210,11 @@ class SMKE(nn.Module):
         return self._embeddings(tokens, IMAGE, None)
 
     def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Embeddings:
-        tokens = self.text_proj(self.text_tower(input_ids, attention_mask))
+        return self.embed_text_tokens(self.text_tower(input_ids, attention_mask), attention_mask)
+
+    def embed_text_tokens(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> Embeddings:
+        """The text side above the tower: `tokens` is the tower's output sequence (B, L, D_text)."""
+        tokens = self.text_proj(tokens)
         if self.text_pool == "mean":  # the CLS position carries the sentence's mean token
             weights = attention_mask[..., None].to(tokens.dtype)
             mean = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1)

@@ -340,11 +340,31 @@ class TextTower(nn.Module):
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The token sequence (CLS first) after the kept layers. `token_type_ids`: BERT's segment ids,
         for sentence pairs (GLUE); left out, every token is in segment 0."""
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=self._mask(attention_mask), **segments).last_hidden_state
+
+    def _mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         # A ready 4-D mask: given a 2-D one, transformers reads it on the host to see whether it
         # can be dropped (a device sync every step and a graph break under torch.compile).
         if self.model.config._attn_implementation == "sdpa":
-            mask = attention_mask.bool()[:, None, None, :]
-        else:
-            mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        return self.model(input_ids=input_ids, attention_mask=mask, **segments).last_hidden_state
+            return attention_mask.bool()[:, None, None, :]
+        return (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+    # forward split after kept layer n, as ImageTower's (BERT-like encoders: embeddings -> layers)
+    def split_error(self) -> str | None:
+        kind = self.model.config.model_type
+        return None if kind == "bert" else f"{kind!r} text towers cannot be split after a layer (only BERT)"
+
+    def forward_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
+        return self._layers(self.model.embeddings(input_ids=input_ids), attention_mask, slice(0, n))
+
+    def forward_suffix(self, tokens: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
+        return self._layers(tokens, attention_mask, slice(n, None))
+
+    def _layers(self, tokens: torch.Tensor, attention_mask: torch.Tensor, which: slice) -> torch.Tensor:
+        found = _layer_list(self.model)
+        assert found is not None
+        mask = self._mask(attention_mask)
+        for layer in list(getattr(*found))[which]:
+            tokens = _block_output(layer(tokens, mask))
+        return tokens

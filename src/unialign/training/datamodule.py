@@ -194,7 +194,7 @@ class RetrievalDataModule(LightningDataModule):
         rank, world = self._rank_world()
         dataset = build_train_dataset(self.train_sources, self.train_transform, self.teacher_transform, self.seed,
                                       rank=rank, world_size=world, batch_size=self.batch_size,
-                                      shuffle_buffer=self.cfg.shuffle_buffer)
+                                      shuffle_buffer=self.cfg.shuffle_buffer, keep_images=self.cfg.cache_images)
         kwargs = self._loader_kwargs()
         if isinstance(dataset, PairDataset):
             sampler = ResumableSampler(len(dataset), shuffle=True, seed=self.seed, rank=rank, world_size=world,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,10 @@ def train_hf_dual_encoder(cfg: Config, output_dir: str | Path,
     datamodule = RetrievalDataModule(cfg.data, tokenizer, cfg.model.text.max_length, cfg.train.batch_size, cfg.seed)
     trainer = build_trainer(cfg, output, list(callbacks))
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    with warnings.catch_warnings():
+        # The data module (shared with `train`) offers a val loader; this baseline is scored after training.
+        warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+        trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
         save_hf_folder(module.model, tokenizer, cfg.data, folder)

@@ -81,15 +81,14 @@ class SMKETraining(L.LightningModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With a teacher cache: look the batch's targets up on the host, so they travel to the
         device with the batch (no teacher, no device sync; an unknown image id is an error). With
-        the frozen-prefix cache: plan which stored rows the batch reads and fills, likewise."""
+        frozen-prefix caches: plan which stored rows the batch reads and fills, likewise."""
         if not (self._trainer is not None and self.trainer.training and isinstance(batch, dict)
                 and "image_id" in batch):
             return batch
         if self.teacher_cache is not None:
             target = self.teacher_cache.lookup(batch["image_id"])
             batch["teacher_target"] = target.pin_memory() if self.device.type == "cuda" else target
-        if self.task.prefix_cache is not None:
-            batch.update(self.task.prefix_cache.plan(batch["image_id"]))
+        self.task.plan(batch)
         return batch
 
     def on_fit_start(self) -> None:

@@ -19,7 +19,7 @@ from ..losses import ContrastiveDistillationLoss, ContrastiveLoss, MSEDistillati
 from ..losses.itm import itm_loss
 from ..losses.momentum import MomentumContrastiveLoss, ema_update_
 from ..model.factory import create_student, read_checkpoint, student_state_dict
-from ..model.smke import SMKE, no_weight_decay_names
+from ..model.smke import SMKE, Embeddings, no_weight_decay_names
 from ..model.teacher import Teacher
 from .prefix_cache import FrozenPrefixCache
 
@@ -33,8 +33,8 @@ class DistillTask(nn.Module):
     asks for) and their weighted sum, ``loss``. The batch holds ``image``, ``input_ids``,
     ``attention_mask`` and ``image_id``; for the KD loss either ``teacher_target`` (from a teacher
     cache) or a teacher in the task (run on ``teacher_image`` when the batch has one, else ``image``).
-    With ``train.cache_frozen_image`` the batch also holds ``prefix_rows`` and ``prefix_fill``, from
-    ``prefix_cache.plan`` (``SMKETraining.on_before_batch_transfer``).
+    With ``train.cache_frozen_image`` / ``_text`` the batch also holds the rows `plan` set on the host
+    (``SMKETraining.on_before_batch_transfer`` calls it).
 
     With ``loss.queue_size`` or ``loss.mod_alpha`` (ALBEF), `momentum_model` is an EMA copy of the
     student (no gradient, no dropout), updated in `after_optimizer_step`, and `itc_momentum` replaces
@@ -59,8 +59,9 @@ class DistillTask(nn.Module):
             self.momentum_model = momentum_copy(model)
             self.itc_momentum = MomentumContrastiveLoss(model.width, loss.queue_size)
         self.steps_per_epoch: int | None = None
-        # train.cache_frozen_image: the image tower's frozen prefix by image id (planned by the caller)
-        self.prefix_cache: FrozenPrefixCache | None = None
+        # train.cache_frozen_image / _text: the towers' frozen prefixes (planned by the caller, `plan`)
+        self.image_prefix: FrozenPrefixCache | None = None
+        self.text_prefix: FrozenPrefixCache | None = None
         # Decided at construction, on the real shapes (see SMKE.no_weight_decay); the teacher is frozen.
         self._no_decay = frozenset({f"model.{name}" for name in model.no_weight_decay()}
                                    | no_weight_decay_names(kd, "kd."))
@@ -99,13 +100,45 @@ class DistillTask(nn.Module):
         elif loss.kd == "mse":
             kd = MSEDistillationLoss()
         task = cls(model, loss, teacher, kd)
-        if cfg.train.cache_frozen_image:
-            frozen = cfg.model.image.freeze_layers
-            tower = model.image_tower
-            if tower.split_error():
-                raise ValueError(f"train.cache_frozen_image: {tower.split_error()}")
-            task.prefix_cache = FrozenPrefixCache(tower.num_blocks if frozen == "all" else min(frozen, tower.num_blocks))
+        for on, tower, frozen, attr, length in (
+                (cfg.train.cache_frozen_image, model.image_tower, cfg.model.image.freeze_layers, "image", None),
+                (cfg.train.cache_frozen_text, model.text_tower, cfg.model.text.freeze_layers, "text",
+                 cfg.model.text.max_length)):
+            if on:
+                if tower.split_error():
+                    raise ValueError(f"train.cache_frozen_{attr}: {tower.split_error()}")
+                n = tower.num_blocks if frozen == "all" else min(frozen, tower.num_blocks)
+                setattr(task, f"{attr}_prefix", FrozenPrefixCache(n, length))
         return task
+
+    def plan(self, batch: dict[str, Any]) -> None:
+        """On the host, before the batch moves: which stored prefixes it reads and fills (if cached)."""
+        if self.image_prefix is not None:
+            batch["image_rows"], batch["image_fill"] = self.image_prefix.plan(batch["image_id"].tolist())
+        if self.text_prefix is not None:
+            keys = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+            batch["text_rows"], batch["text_fill"] = self.text_prefix.plan(keys)
+
+    def _embeddings(self, batch: dict[str, Any]) -> tuple[Embeddings, Embeddings]:
+        """The student's image and text embeddings, through the frozen-prefix caches where there are any."""
+        model, pixels, ids, mask = self.model, batch["image"], batch["input_ids"], batch["attention_mask"]
+        if self.image_prefix is None and self.text_prefix is None:
+            return model(pixels, ids, mask)
+        if (c := self.image_prefix) is None:
+            img = model.image_embeddings(pixels)
+        else:
+            tower = model.image_tower
+            stored = c.read(lambda i: tower.forward_prefix(pixels[i], c.n_blocks), batch["image_rows"],
+                            batch["image_fill"])
+            img = model.embed_image_tokens(tower.forward_suffix(stored, c.n_blocks))
+        if (t := self.text_prefix) is None:
+            txt = model.text_embeddings(ids, mask)
+        else:
+            text = model.text_tower
+            stored = t.read(lambda i: text.forward_prefix(ids[i], mask[i], t.n_blocks), batch["text_rows"],
+                            batch["text_fill"], ids.shape[1])
+            txt = model.embed_text_tokens(text.forward_suffix(stored, mask, t.n_blocks), mask)
+        return img, txt
 
     @property
     def kd_dim(self) -> int | None:
@@ -116,12 +149,7 @@ class DistillTask(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         cfg = self.loss_config
         image_ids = batch["image_id"] if cfg.same_image_positives else None
-        if self.prefix_cache is None:
-            img, txt = self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
-        else:
-            img = self.model.embed_image_tokens(self.prefix_cache.tokens(
-                self.model.image_tower, batch["image"], batch["prefix_rows"], batch["prefix_fill"]))
-            txt = self.model.text_embeddings(batch["input_ids"], batch["attention_mask"])
+        img, txt = self._embeddings(batch)
         scale, scale_interm = self.model.scales()
         if self.itc_momentum is None:
             itc = self.itc(img.embedding, txt.embedding, scale, image_ids)
