@@ -110,3 +110,16 @@ def _as_shown(value, digits: int = 1) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def test_frozen_cache_benchmark_compares_the_same_run_with_and_without_the_caches(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out.json"
+    result = bench_module("frozen_cache.py").main(["--small", "--epochs", "2", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["device"] and result["baseline"] and result["speedup"] > 0
+    off, on = result["runs"].values()
+    assert off["steps"] == on["steps"] > 0
+    assert on["final_loss"] == pytest.approx(off["final_loss"], rel=1e-4)  # the caches change no result
