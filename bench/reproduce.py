@@ -451,17 +451,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
     total = sum(steps_per_run(parse_config(raw, source=run_id)) for *_, run_id, raw in todo)
     print(f"{len(todo)} run(s) to do ({len(seeds)} seed(s), {steps} steps at batch {scale.batch_size}, "
           f"{scale.image_size} px); results in {results_file}")
-    machine = describe_machine(machine_info(), load=False)
+    here = describe_machine(machine_info(), load=False)  # recorded with each run trained here
     with tqdm(total=total, unit="step", dynamic_ncols=True, disable=not todo) as bar:
         for group, variant, seed, run_id, raw in todo:
             bar.set_description(f"{group.name}: {variant.label} seed {seed}")
             out = run_one(raw, args.output / scale_key / run_id, assets, bar, variant.label, variant.rerank)
             store["runs"][run_id] = {"group": group.name, "variant": variant.label, "seed": seed,
-                                     "overrides": variant.overrides, "machine": machine, **out}
+                                     "overrides": variant.overrides, "machine": here, **out}
             write_json_atomic(results_file, results)
 
     done = store["runs"].values()
-    here = describe_machine(machine_info(), load=False)
     context = {
         "eval_images": next(iter(done))["n_images"] if done else 0,
         "command": command,
