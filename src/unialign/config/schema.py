@@ -257,9 +257,15 @@ class DataConfig(_Strict):
             seen.setdefault(ns, i)
         return self
 
+    @property
+    def unaugmented(self) -> bool:
+        """Training views without random crops or flips: each image's view is the same at every epoch
+        (what the teacher cache, the frozen-prefix caches and data.cache_images rely on)."""
+        return self.train_scale == (1.0, 1.0) and not self.hflip
+
     @model_validator(mode="after")
     def _cached_images_are_not_augmented(self) -> "DataConfig":
-        if self.cache_images and (self.train_scale != (1.0, 1.0) or self.hflip or self.decode != "host"):
+        if self.cache_images and (not self.unaugmented or self.decode != "host"):
             raise ValueError(f"data.cache_images needs un-augmented views decoded on the host (data.train_scale "
                              f"[1, 1], data.hflip false, data.decode host; got {list(self.train_scale)}, "
                              f"{self.hflip}, {self.decode})")
@@ -348,7 +354,7 @@ class Config(_Strict):
             why = []
             if on and getattr(self.model, part).freeze_layers == 0:
                 why.append(f"model.{part}.freeze_layers is 0 (nothing frozen to cache)")
-            if on and part == "image" and (self.data.train_scale != (1.0, 1.0) or self.data.hflip):
+            if on and part == "image" and not self.data.unaugmented:
                 why.append(f"training views are augmented (data.train_scale {list(self.data.train_scale)}, "
                            f"data.hflip {self.data.hflip}; the cache needs [1, 1] and false)")
             if on and self.train.strategy == "fsdp":

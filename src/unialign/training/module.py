@@ -110,7 +110,7 @@ class SMKETraining(L.LightningModule):
     def on_train_start(self) -> None:
         if self.teacher_cache is None:
             return
-        if not (self.cfg.data.train_scale == (1.0, 1.0) and not self.cfg.data.hflip):
+        if not self.cfg.data.unaugmented:
             log.warning("teacher.cache holds targets of the un-augmented image while the student is trained on "
                         "augmented views (data.train_scale=%s, data.hflip=%s): the cached targets approximate "
                         "the online ones", list(self.cfg.data.train_scale), self.cfg.data.hflip)

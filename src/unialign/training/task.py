@@ -105,8 +105,8 @@ class DistillTask(nn.Module):
                 (cfg.train.cache_frozen_text, model.text_tower, cfg.model.text.freeze_layers, "text",
                  cfg.model.text.max_length)):
             if on:
-                if tower.split_error():
-                    raise ValueError(f"train.cache_frozen_{attr}: {tower.split_error()}")
+                if why := tower.split_error():
+                    raise ValueError(f"train.cache_frozen_{attr}: {why}")
                 n = tower.num_blocks if frozen == "all" else min(frozen, tower.num_blocks)
                 setattr(task, f"{attr}_prefix", FrozenPrefixCache(n, length))
         return task
