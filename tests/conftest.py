@@ -99,10 +99,9 @@ def eval_view_config(world: Path, text_model_dir: Path, teacher_checkpoint: Path
                      **train_kw: object) -> dict:
     """A tiny run config on `world` in which the student (and so the teacher) sees the eval view.
 
-    ``data.train_scale: [1, 1]`` makes RandomResizedCrop take the whole (square) image (with scale 1
-    only aspect ratio 1 fits a square, so after its 10 failed draws it falls back to the full image)
-    and ``data.hflip: false`` (tiny_config_dict) removes the flip: crop-then-resize of the full image
-    equals the eval transform's resize, so cached and online teacher targets must agree exactly."""
+    ``data.train_scale: [1, 1]`` takes the whole image, resized as the eval transform does, and
+    ``data.hflip: false`` (tiny_config_dict) removes the flip, so cached and online teacher targets
+    must agree exactly."""
     src = {"type": "karpathy", "path": str(world / "dataset_synthetic.json"), "images": str(world),
            "splits": list(splits)}
     raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [src], **train_kw)

@@ -123,3 +123,27 @@ def test_frozen_cache_benchmark_compares_the_same_run_with_and_without_the_cache
     off, on = result["runs"].values()
     assert off["steps"] == on["steps"] > 0
     assert on["final_loss"] == pytest.approx(off["final_loss"], rel=1e-4)  # the caches change no result
+
+
+def test_recipe_sweep_trains_the_change_beside_the_unchanged_row(tmp_path):
+    import json
+
+    import yaml
+
+    sweep = bench_module("recipe_sweep.py")
+    out = tmp_path / "sweep"
+    common = ["--small", "--splits", "test", "--seeds", "0", "--output", str(out)]
+    lines = sweep.main(["--name", "hot", "--set", "train.base_lr=0.5", *common])
+    base, hot = lines
+    assert (base["name"], hot["name"]) == ("base", "hot") and hot["changes"] == {"train.base_lr": 0.5}
+    assert base["steps"] == hot["steps"] > 0 and base["final_loss"] != hot["final_loss"]
+    assert [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()] == lines
+    # the unchanged row of another sweep is the same run: reused, same score
+    again = sweep.main(["--name", "cool", "--set", "train.base_lr=1e-5", *common])
+    assert again[0]["train_s"] is None and again[0]["test"] == base["test"]
+    assert yaml.safe_load((out / "runs" / "cool-s0" / "config.yaml").read_text())["train"]["base_lr"] == 1e-5
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        sweep.main(["--name", "x", "--set", "train.base_lr", *common])
+    with pytest.raises(SystemExit, match="Tux Paint is missing"):  # stand-ins: the generated pairs are all
+        sweep.main(["--name", "x", "--no-generated", *common])
+

@@ -222,6 +222,18 @@ def test_transform_shapes_and_normalisation() -> None:
         build_image_transform(SIZE, MEAN, STD, train=False, interpolation="nearest")
 
 
+def test_training_view_at_scale_one_is_the_whole_image_as_evaluated() -> None:
+    """train_scale (1, 1) without flips: every draw is the eval view, for a wide image too (a random
+    resized crop at scale 1 centre-crops an image wider than 4:3)."""
+    wide = Image.new("RGB", (60, 20), (255, 255, 255))
+    wide.paste((200, 0, 0), (0, 0, 12, 20))  # a red band at the left edge: cut off by a centre crop
+    train = build_image_transform(SIZE, MEAN, STD, train=True, scale=(1.0, 1.0), hflip=False)
+    evaluated = build_image_transform(SIZE, MEAN, STD, train=False)(wide)
+    torch.manual_seed(0)
+    for _ in range(5):
+        assert torch.equal(train(wide), evaluated)
+
+
 def test_device_normalisation_equals_host_normalisation(world: Path) -> None:
     """uint8 out of the loader + PixelNormalizer after the copy gives the very same floats."""
     images = [Image.open(p).convert("RGB") for p in sorted((world / "images").glob("*.png"))[:6]]

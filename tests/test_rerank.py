@@ -199,7 +199,7 @@ def test_rerank_without_itm_head_is_a_one_line_error(tiny_checkpoint, karpathy, 
 
 def test_search_text_rerank_reorders_hits(itm_checkpoint, tmp_path, monkeypatch):  # noqa: F811
     from unialign.search import rerank as search_rerank
-    from unialign.search.app import create_app
+    from unialign.search.app import Limits, create_app
     from unialign.search.query import Searcher
 
     colours = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -238,6 +238,13 @@ def test_search_text_rerank_reorders_hits(itm_checkpoint, tmp_path, monkeypatch)
         client = TestClient(create_app(s, allowed_hosts=["testserver"]))
         body = client.get("/api/search", params={"q": "a red square", "k": 3, "rerank": 6}).json()
         assert [r["name"] for r in body["results"]] == [Path(h.path).name for h in expected]
+        # the service reads hits again within its decode limits: here every file has more pixels than
+        # they allow, so none can be scored and the dual encoder's order stands
+        width, height = Image.open(images[0]).size
+        strict = TestClient(create_app(s, Limits(max_decode_pixels=width * height - 1), allowed_hosts=["testserver"]))
+        assert [h.path for h in expected] != [h.path for h in dual[:3]]  # (else the check below says nothing)
+        body = strict.get("/api/search", params={"q": "a red square", "k": 3, "rerank": 6}).json()
+        assert [r["name"] for r in body["results"]] == [Path(h.path).name for h in dual[:3]]
         plain = client.get("/api/search", params={"q": "a red square", "k": 3}).json()
         assert [r["name"] for r in plain["results"]] == [Path(h.path).name for h in dual[:3]]
         assert client.get("/api/search", params={"q": "red", "rerank": -1}).status_code == 422

@@ -20,15 +20,20 @@ def build_image_transform(image_size: int, mean: Sequence[float], std: Sequence[
     on a whole batch, typically on the GPU after the copy.
 
     Training uses a mild random resized crop (captions describe the whole picture, so
-    aggressive crops would cut out what the text mentions). ``hflip=False`` suits captions
+    aggressive crops would cut out what the text mentions); ``scale=(1, 1)`` takes the whole image,
+    squashed to a square as evaluation does. ``hflip=False`` suits captions
     that say "left"/"right". Evaluation squashes to a square instead of centre-cropping, so
     nothing a caption mentions is cut off.
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
     mode = INTERPOLATIONS[interpolation]
+    whole = [v2.Resize((image_size, image_size), interpolation=mode, antialias=True)]
     if train:
-        geometry: list[v2.Transform] = [
+        # scale (1, 1) asks for the whole image: RandomResizedCrop would centre-crop one whose aspect
+        # ratio lies outside [3/4, 4/3] (and move a full-size crop of others by a pixel between draws),
+        # so the view is evaluation's, the same at every epoch, which the caches rely on.
+        geometry: list[v2.Transform] = whole if tuple(scale) == (1.0, 1.0) else [
             v2.RandomResizedCrop(image_size, scale=scale, interpolation=mode, antialias=True)]
         if hflip:
             geometry.append(v2.RandomHorizontalFlip())
@@ -36,7 +41,7 @@ def build_image_transform(image_size: int, mean: Sequence[float], std: Sequence[
             brightness, contrast, saturation = color_jitter
             geometry.append(v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation))
     else:
-        geometry = [v2.Resize((image_size, image_size), interpolation=mode, antialias=True)]
+        geometry = whole
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
     return v2.Compose([*geometry, v2.ToImage(), *(to_float if normalize else [])])
 

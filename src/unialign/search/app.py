@@ -5,9 +5,9 @@ request parameter is ever used as a path. Uploads are capped in bytes and pixels
 decode as one of a few raster formats, so a client cannot make the server hold a huge body,
 decode a decompression bomb or run a risky PIL plugin (EPS, for one, shells out to Ghostscript).
 
-Memory: images (thumbnails and uploads) are decoded at reduced size (JPEG DCT scaling via
-``Image.draft``, then ``reduce``), never above a pixel cap, and at most
-``Limits.max_concurrent_decodes`` at a time; concurrent requests for one thumbnail wait for
+Memory: images (thumbnails, uploads and the hits a re-ranked search reads again) are decoded at
+reduced size (JPEG DCT scaling via ``Image.draft``, then ``reduce``), never above a pixel cap, and
+at most ``Limits.max_concurrent_decodes`` at a time; concurrent requests for one thumbnail wait for
 the first decode and reuse its cached result; `serve` has the memory that a decode frees go back
 to the OS (``return_freed_images_to_the_os``).
 """
@@ -64,7 +64,7 @@ class Limits:
     max_k: int = 100
     query_image_pixels: int = 1024 * 1024  # an upload is reduced to at most this many pixels before the model
     max_decode_pixels: int = 64_000_000  # no image is decoded at more pixels (after JPEG draft scaling) than this
-    max_concurrent_decodes: int = 2  # thumbnail and upload decodes running at once (others wait)
+    max_concurrent_decodes: int = 2  # thumbnail, upload and re-rank decodes running at once (others wait)
 
 
 class Result(BaseModel):
@@ -319,7 +319,8 @@ def create_app(searcher: Searcher, limits: Limits = Limits(),
             raise HTTPException(400, "captions=true: this index holds no captions (build it from a manifest)")
         if rerank and captions:
             raise HTTPException(400, "rerank applies to image search; it cannot be combined with captions=true")
-        hits = searcher.search_captions(query, k) if captions else searcher.search_text(query, k, rerank=rerank)
+        hits = (searcher.search_captions(query, k) if captions
+                else searcher.search_text(query, k, rerank=rerank, read_image=reread))
         return SearchResponse(mode="captions" if captions else "text", query=query, k=k,
                               results=[_result(h) for h in hits])
 
@@ -335,6 +336,14 @@ def create_app(searcher: Searcher, limits: Limits = Limits(),
         image = decode_upload(data, file.filename or "upload", limits.max_pixels, limits, slots)
         hits = searcher.search_image(image, k)
         return SearchResponse(mode="image", query=None, k=k, results=[_result(h) for h in hits])
+
+    def reread(path: str) -> Image.Image:
+        """A hit's file for re-ranking, decoded as an upload is: reduced to `query_image_pixels`,
+        within `max_decode_pixels`, in one of the decode slots (it raises rather than exceed them)."""
+        with Image.open(path) as probe:
+            box = upload_box(*probe.size, limits.query_image_pixels)
+        with slots:
+            return decode_reduced(path, box, limits.max_decode_pixels, os.path.basename(path))
 
     def thumbnail(path: str) -> bytes:
         with slots:

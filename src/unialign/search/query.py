@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,12 +100,14 @@ class Searcher:
         pixels = self.preprocess(image).unsqueeze(0).to(self.device)
         return self.model.encode_image(pixels).float().cpu().numpy()
 
-    def search_text(self, text: str, k: int = 10, rerank: int = 0) -> list[Hit]:
+    def search_text(self, text: str, k: int = 10, rerank: int = 0,
+                    read_image: Callable[[str], Image.Image] | None = None) -> list[Hit]:
         """Images whose embedding is closest to the text's.
 
         `rerank` > 0 (a model with an ITM head): the top max(k, rerank) hits are re-ordered by the
-        ITM head's match probability of (text, image), read again from the indexed files, and the
-        first k returned; `score` stays the cosine similarity. 0: the dual encoder's order."""
+        ITM head's match probability of (text, image), read again from the indexed files (by `read_image`,
+        default `load_image`), and the first k returned; `score` stays the cosine similarity. 0: the
+        dual encoder's order."""
         if rerank < 0:
             raise ValueError(f"rerank must be >= 0, got {rerank}")
         if not rerank:
@@ -115,7 +118,7 @@ class Searcher:
         from .rerank import rerank_hits
 
         hits = self._image_hits(self.embed_text(text), max(k, rerank))
-        return rerank_hits(self.model, self.preprocess, self.tokenizer, text, hits, self.device)[:k]
+        return rerank_hits(self.model, self.preprocess, self.tokenizer, text, hits, self.device, read_image)[:k]
 
     def search_image(self, image: Image.Image, k: int = 10) -> list[Hit]:
         """Indexed images most similar to ``image`` (RGB, as `load_image` returns it)."""

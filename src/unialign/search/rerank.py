@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Callable
 
 import torch
+from PIL import Image
 
 from ..data.images import load_image
 from ..evaluation.itm_score import itm_probabilities, text_tokens
@@ -25,10 +26,14 @@ IMAGE_BATCH = 32  # hit images encoded at once
 
 @torch.inference_mode()
 def rerank_hits(model: SMKE, preprocess: Callable, tokenizer: Callable, text: str, hits: list[Hit],
-                device: str | torch.device) -> list[Hit]:
+                device: str | torch.device, read_image: Callable[[str], Image.Image] | None = None) -> list[Hit]:
     """`hits` re-ordered by the ITM match probability of (`text`, hit image), highest first, ranks
-    renumbered from 1; equal probabilities keep the dual encoder's order. A file that cannot be
-    read any more goes after the scored ones (with a warning), in its old order."""
+    renumbered from 1; equal probabilities keep the dual encoder's order. A file that cannot be read
+    any more (or that `read_image` refuses) goes after the scored ones (with a warning), in its old order.
+
+    `read_image`: path -> RGB image (default `load_image`); the web service passes one that keeps
+    its decode limits."""
+    read = read_image or load_image
     txt, mask = text_tokens(model, tokenizer, [text], device)
     probs: list[float] = []
     for start in range(0, len(hits), IMAGE_BATCH):
@@ -36,7 +41,7 @@ def rerank_hits(model: SMKE, preprocess: Callable, tokenizer: Callable, text: st
         pixels, readable = [], []
         for j, hit in enumerate(batch):
             try:
-                pixels.append(preprocess(load_image(hit.path)))
+                pixels.append(preprocess(read(hit.path)))
                 readable.append(j)
             except Exception as err:  # moved or damaged since indexing: ranked last, not fatal
                 log.warning("re-rank: cannot read %s (%s); it goes last", hit.path, err)

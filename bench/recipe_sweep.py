@@ -1,0 +1,116 @@
+"""The demo's S-SMKE row with one change to its config, against the row unchanged, over seeds.
+
+    python bench/recipe_sweep.py --name lr4e-3 --set train.base_lr=0.004
+    python bench/recipe_sweep.py --name no-generated --no-generated --set train.epochs=7
+    python bench/recipe_sweep.py --name px112 --set data.image_size=112 --seeds 0 1 2
+    python bench/recipe_sweep.py --small --name smoke --set train.weight_decay=0.1 --splits test
+
+`--set KEY=VALUE` takes the run config's dotted keys (values read as YAML: `all`, `false`, `0.004`).
+Each seed trains the changed row and, as the baseline from the same invocation, the unchanged one
+(a finished run of an identical config in --output is reused). Both are scored on every split of
+`--splits` of the demo's held-out set: decide on val; test is recorded, not for choosing.
+docs/RECIPE.md section 8 was measured with it. One JSON line per run is appended to
+OUTPUT/results.jsonl; the table of means is printed (Markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unialign.assets import check_assets
+from unialign.config import parse_config
+from unialign.demo.plan import (FULL_STANDIN, ROWS, USED_ASSETS, choose_scale, default_cache_dir, demo_config,
+                                is_generated, prepare_assets, set_key, with_teacher_cache)
+from unialign.demo.run import quiet_libraries, train_or_reuse
+from unialign.evaluation.models import load_eval_model
+from unialign.evaluation.run import evaluate_retrieval_model
+from unialign.machine import machine_info
+from unialign.training.trainer import CHECKPOINT_DIR, FINAL
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_changes(pairs: list[str]) -> dict[str, Any]:
+    """`["train.base_lr=0.004", "model.text.freeze_layers=all"]` -> {key: YAML value}."""
+    changes = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set wants KEY=VALUE (a dotted config key), got {pair!r}")
+        changes[key] = yaml.safe_load(value)
+    return changes
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="the change's name (run folders, results)")
+    p.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-generated", action="store_true", help="train on the real pairs only (no generated world)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--splits", nargs="+", default=["val", "test"])
+    p.add_argument("--small", action="store_true", help="stand-in towers and data: a smoke run")
+    p.add_argument("--output", type=Path, default=REPO / "runs" / "recipe_sweep")
+    p.add_argument("--cache", type=Path, default=None, help="asset cache (default: the demo's)")
+    args = p.parse_args(argv)
+    changes = parse_changes(args.changes)
+    status = dict.fromkeys(USED_ASSETS, "stand-in") if args.small else check_assets()
+    scale = choose_scale(False, status)
+    if args.small:
+        scale = replace(FULL_STANDIN, epochs=1, world_images=40)
+    cache = args.output / "assets" if args.small else (args.cache or default_cache_dir())
+    assets = prepare_assets(cache, args.output, scale, status, clipart=False)
+    info = machine_info()
+    print(f"device: {info['gpu'] or 'CPU (' + info['cpu'] + ')'} | the demo's S-SMKE row, batch {scale.batch_size}, "
+          f"{scale.image_size} px | change {args.name!r}: {changes or ''}{' no generated pairs' * args.no_generated}"
+          f" | baseline: the row unchanged, same seeds")
+    lines = []
+    for seed in args.seeds:
+        for name, change, real_only in (("base", {}, False), (args.name, changes, args.no_generated)):
+            raw = demo_config(assets, scale, ROWS[0])
+            raw["seed"] = seed
+            if real_only:
+                raw["data"]["train"] = [s for s in raw["data"]["train"] if not is_generated(s)]
+                if not raw["data"]["train"]:
+                    raise SystemExit("--no-generated: the generated pairs are all there is (Tux Paint is missing)")
+            for key, value in change.items():
+                try:
+                    set_key(raw, key, value)
+                except (KeyError, TypeError):
+                    raise SystemExit(f"--set {key}: no such section in the run config") from None
+            cfg = parse_config(with_teacher_cache(raw, cache) if raw["teacher"]["enabled"] else raw,
+                               source=f"recipe_sweep:{name}")
+            run = args.output / "runs" / f"{name}-s{seed}"
+            start = time.perf_counter()
+            with quiet_libraries():
+                summary, reused = train_or_reuse(cfg, run, [])
+            seconds = time.perf_counter() - start
+            model = load_eval_model(str(run / CHECKPOINT_DIR / FINAL))
+            scores = {split: round(evaluate_retrieval_model(model, assets.eval_json, images=assets.eval_images,
+                                                            split=split, progress=False)["r_mean"], 2)
+                      for split in args.splits}
+            line = {"name": name, "seed": seed, "changes": change, "no_generated": real_only, **scores,
+                    "steps": summary["global_step"], "train_s": None if reused else round(seconds, 1),
+                    "final_loss": summary["metrics"].get("train/loss"), "device": info["gpu"] or info["cpu"]}
+            print(json.dumps(line), flush=True)
+            with open(args.output / "results.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+            lines.append(line)
+    print(f"\n| run | steps | {' | '.join(f'{s} (mean of {len(args.seeds)} seeds)' for s in args.splits)} |")
+    print("|---|---|" + "---|" * len(args.splits))
+    for name in ("base", args.name):
+        mine = [x for x in lines if x["name"] == name]
+        means = " | ".join(f"{statistics.mean(x[s] for x in mine):.1f}" for s in args.splits)
+        print(f"| {name} | {mine[0]['steps']} | {means} |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
