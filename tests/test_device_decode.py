@@ -86,6 +86,9 @@ def test_plan_reads_headers_and_leaves_other_images_on_the_host(images) -> None:
     assert flips == {True, False}
     assert not any(make_sample(images["wide"], "w", "c", 1, _plan(hflip=False), None, seed=s)["flip"]
                    for s in range(20))
+    # scale (1, 1): the whole image at every draw, as on the host (a 3:2 image is wider than 4:3)
+    whole = DeviceDecodePlan((1.0, 1.0), False, host_transform=None)
+    assert {make_sample(images["wide"], "w", "c", 1, whole, None, seed=s)["crop"] for s in range(5)} == {(0, 0, 60, 90)}
 
 
 def test_device_half_decodes_crops_and_fills_every_slot(images, tokenizer) -> None:

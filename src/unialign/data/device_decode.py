@@ -62,7 +62,8 @@ class DeviceDecodePlan:
 
     Called under the sample's seeded RNG (see ``make_sample``); draws the crop with
     torchvision's RandomResizedCrop rule and the flip with probability 1/2. ``scale=None``
-    plans the evaluation view instead: the whole image (resized to a square), never flipped.
+    plans the evaluation view instead: the whole image (resized to a square), never flipped;
+    ``scale=(1, 1)`` takes the whole image too, as `build_image_transform` does.
     """
 
     def __init__(self, scale: tuple[float, float] | None, hflip: bool,
@@ -79,7 +80,7 @@ class DeviceDecodePlan:
             with Image.open(io.BytesIO(data)) as header:  # reads the header only
                 if header.mode not in ("L", "RGB"):  # CMYK/YCCK: leave them to PIL
                     return {"image": self.host_transform(load_image(data, name=name))}
-                if self.scale is None:
+                if self.scale is None or tuple(self.scale) == (1.0, 1.0):
                     top, left, height, width = 0, 0, header.height, header.width
                 else:
                     top, left, height, width = RandomResizedCrop.get_params(header, list(self.scale), [3 / 4, 4 / 3])
