@@ -215,7 +215,7 @@ class DataConfig(_Strict):
     val: KarpathySource | ManifestSource | None = None
     val_split: str = "val"  # split read from a Karpathy val source
     image_size: int = Field(224, ge=8)
-    train_scale: tuple[float, float] = (0.9, 1.0)
+    train_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range; (1, 1): the whole image, as evaluated
     hflip: bool = True  # paper: on; turn off when captions name left/right
     shuffle_buffer: int = Field(1000, ge=0)  # samples, for webdataset sources
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
