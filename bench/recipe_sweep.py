@@ -9,7 +9,8 @@
 Each seed trains the changed row and, as the baseline from the same invocation, the unchanged one
 (a finished run of an identical config in --output is reused). Both are scored on every split of
 `--splits` of the demo's held-out set: decide on val; test is recorded, not for choosing.
-docs/RECIPE.md section 8 was measured with it. One JSON line per run is appended to
+docs/RECIPE.md section 8 was measured this way (two of its runs, re-run with this script, gave the
+same numbers to the digit). One JSON line per run is appended to
 OUTPUT/results.jsonl; the table of means is printed (Markdown).
 """
 
