@@ -126,6 +126,7 @@ def test_frozen_cache_benchmark_compares_the_same_run_with_and_without_the_cache
 
 
 def test_recipe_sweep_trains_the_change_beside_the_unchanged_row(tmp_path):
+    """Each seed trains the changed config and the unchanged one; the latter is shared by sweeps."""
     import json
 
     import yaml
@@ -146,4 +147,3 @@ def test_recipe_sweep_trains_the_change_beside_the_unchanged_row(tmp_path):
         sweep.main(["--name", "x", "--set", "train.base_lr", *common])
     with pytest.raises(SystemExit, match="Tux Paint is missing"):  # stand-ins: the generated pairs are all
         sweep.main(["--name", "x", "--no-generated", *common])
-
