@@ -41,7 +41,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from unialign.data.images import ImageLoadError, load_image
-from unialign.data.transforms import INTERPOLATIONS
+from unialign.data.transforms import INTERPOLATIONS, takes_whole_image
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -63,7 +63,7 @@ class DeviceDecodePlan:
     Called under the sample's seeded RNG (see ``make_sample``); draws the crop with
     torchvision's RandomResizedCrop rule and the flip with probability 1/2. ``scale=None``
     plans the evaluation view instead: the whole image (resized to a square), never flipped;
-    ``scale=(1, 1)`` takes the whole image too, as `build_image_transform` does.
+    ``scale=(1, 1)`` takes the whole image too (`takes_whole_image`), as `build_image_transform` does.
     """
 
     def __init__(self, scale: tuple[float, float] | None, hflip: bool,
@@ -80,7 +80,7 @@ class DeviceDecodePlan:
             with Image.open(io.BytesIO(data)) as header:  # reads the header only
                 if header.mode not in ("L", "RGB"):  # CMYK/YCCK: leave them to PIL
                     return {"image": self.host_transform(load_image(data, name=name))}
-                if self.scale is None or tuple(self.scale) == (1.0, 1.0):
+                if self.scale is None or takes_whole_image(self.scale):
                     top, left, height, width = 0, 0, header.height, header.width
                 else:
                     top, left, height, width = RandomResizedCrop.get_params(header, list(self.scale), [3 / 4, 4 / 3])

@@ -10,6 +10,14 @@ from torchvision.transforms import InterpolationMode, v2
 INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
+def takes_whole_image(scale: Sequence[float]) -> bool:
+    """Whether a training crop's area range `scale` asks for the whole image: (1, 1) is the evaluation
+    view (squashed to a square), not a RandomResizedCrop, which would centre-crop an image whose
+    aspect ratio lies outside [3/4, 4/3] (and move a full-size crop of others by a pixel between
+    draws). The host transform and the device-decode planner both follow this rule."""
+    return tuple(scale) == (1.0, 1.0)
+
+
 def build_image_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
                           scale: tuple[float, float] = (0.9, 1.0), interpolation: str = "bicubic",
                           hflip: bool = True, normalize: bool = True,
@@ -30,10 +38,8 @@ def build_image_transform(image_size: int, mean: Sequence[float], std: Sequence[
     mode = INTERPOLATIONS[interpolation]
     whole = [v2.Resize((image_size, image_size), interpolation=mode, antialias=True)]
     if train:
-        # scale (1, 1) asks for the whole image: RandomResizedCrop would centre-crop one whose aspect
-        # ratio lies outside [3/4, 4/3] (and move a full-size crop of others by a pixel between draws),
-        # so the view is evaluation's, the same at every epoch, which the caches rely on.
-        geometry: list[v2.Transform] = whole if tuple(scale) == (1.0, 1.0) else [
+        # the same view at every epoch, which the caches rely on
+        geometry: list[v2.Transform] = whole if takes_whole_image(scale) else [
             v2.RandomResizedCrop(image_size, scale=scale, interpolation=mode, antialias=True)]
         if hflip:
             geometry.append(v2.RandomHorizontalFlip())
