@@ -132,13 +132,49 @@ def test_unreadable_images_are_left_out_of_the_cache_and_skipped_in_training(sma
     assert sorted(recorder.losses) == [1, 2] and summary["global_step"] == 2
 
 
+def test_teacher_image_size_is_the_teachers_own_view(small_world, text_model_dir, teacher_checkpoint,
+                                                     teacher_cache_dir, tmp_path):
+    """teacher.image_size: the cache holds the teacher's output for the image resized to that size (an
+    independent forward on PIL-resized pixels), not for the student's smaller view."""
+    from PIL import Image
+
+    from unialign.model.teacher import Teacher
+
+    raw = eval_view_config(small_world, text_model_dir, teacher_checkpoint)
+    raw["teacher"]["kwargs"] = {**TINY_VIT, "dynamic_img_size": True}
+    raw["teacher"]["image_size"] = 48  # the student sees 32 px
+    # Online with view: same the teacher would get the student's 32-px pixels: refused.
+    with pytest.raises(ValueError, match=r"teacher.image_size 48 differs from data.image_size 32.*teacher.cache"):
+        parse_config(raw)
+    separate = copy.deepcopy(raw)
+    separate["teacher"]["view"] = "separate"
+    separate_cfg = parse_config(separate)
+    teacher = Teacher(separate_cfg.teacher)
+    image = Image.open(_records(small_world)[0].image).convert("RGB")
+    assert teacher.train_transform(separate_cfg.data)(image).shape == (3, 48, 48)
+
+    raw["teacher"]["cache"] = "auto"
+    cache = TeacherCache.open(build_teacher_cache(parse_config(raw), tmp_path / "cache", num_workers=0,
+                                                  progress=False))
+    assert cache.meta["identity"]["view size"] == 48
+    small = TeacherCache.open(teacher_cache_dir)  # the same teacher weights at the student's 32 px
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    for record in _records(small_world)[:4]:
+        pixels = Image.open(record.image).convert("RGB").resize((48, 48), Image.Resampling.BICUBIC)
+        x = (torch.from_numpy(np.asarray(pixels).copy()).permute(2, 0, 1).float() / 255 - mean) / std
+        expected = teacher(x[None])[0]
+        got = cache.lookup([record.image_id])[0]
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        assert (small.lookup([record.image_id])[0] - expected).abs().max() > 1e-2  # the size made a difference
+
+
 def test_metadata_mismatch_is_a_clear_error(small_world, text_model_dir, teacher_checkpoint, teacher_cache_dir,
                                             tmp_path):
     raw = with_teacher_cache(eval_view_config(small_world, text_model_dir, teacher_checkpoint), teacher_cache_dir)
     for key, value, message in [
         ("teacher.block", 1, r"teacher.block: cache has -1, config gives 1"),
         ("teacher.after_norm", True, r"teacher.after_norm: cache has False, config gives True"),
-        ("data.image_size", 48, r"data.image_size: cache has 32, config gives 48"),
+        ("data.image_size", 48, r"view size: cache has 32, config gives 48"),
         ("data.mean", [0.5, 0.5, 0.5], r"view mean: cache has \[0.485"),
     ]:
         bad = copy.deepcopy(raw)

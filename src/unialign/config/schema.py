@@ -108,6 +108,10 @@ class TeacherConfig(_Strict):
     block: int = -1  # which block's CLS is the target (-1: last)
     after_norm: bool = False  # paper: before the final LayerNorm
     view: Literal["same", "separate"] = "same"  # same pixels as the student, or its own augmentation
+    # The teacher's input side (None: data.image_size). Above the student's, the teacher sees detail
+    # that the student's smaller view has lost, and distillation passes it on; its targets then come
+    # from a view of its own: the cache (teacher.cache) or teacher.view: separate.
+    image_size: int | None = Field(None, ge=8)
     # With view: separate, a colour jitter (brightness, contrast, saturation) after the crop and flip,
     # as the thesis's teacher view had (0.4, 0.4, 0.4).
     color_jitter: tuple[float, float, float] | None = None
@@ -333,6 +337,11 @@ class Config(_Strict):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @property
+    def teacher_image_size(self) -> int:
+        """The side of the teacher's input: teacher.image_size, else the student's data.image_size."""
+        return self.teacher.image_size or self.data.image_size
+
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         if self.loss.itc_interm and self.model.shared.depth == 0:
@@ -348,6 +357,11 @@ class Config(_Strict):
         if self.data.decode == "device" and self.teacher.enabled and self.teacher.view == "separate":
             raise ValueError("data.decode: device decodes each image once, on the device, for the student's view; "
                              "teacher.view: separate needs data.decode: host")
+        t = self.teacher
+        if t.image_size not in (None, self.data.image_size) and t.view == "same" and t.cache is None:
+            raise ValueError(f"teacher.image_size {t.image_size} differs from data.image_size {self.data.image_size}, "
+                             "but with teacher.view: same the online teacher sees the student's pixels: set "
+                             "teacher.cache (auto) or teacher.view: separate")
         if self.teacher.cache is not None and (not self.teacher.enabled or self.loss.kd == "none"):
             raise ValueError("teacher.cache is set but no distillation runs (teacher.enabled false or loss.kd none)")
         for part, on in (("image", self.train.cache_frozen_image), ("text", self.train.cache_frozen_text)):

@@ -201,6 +201,7 @@ class Teacher(nn.Module):
                                               cfg.kwargs, keep_final_norm=cfg.after_norm)
         self.backbone.requires_grad_(False)
         self.color_jitter = cfg.color_jitter
+        self.image_size = cfg.image_size
         self.eval()
         self.width = self.backbone.width
 
@@ -209,7 +210,7 @@ class Teacher(nn.Module):
         from ..data.transforms import build_image_transform
 
         stats = self.backbone.data_config
-        return build_image_transform(data.image_size, stats.get("mean", data.mean), stats.get("std", data.std),
+        return build_image_transform(self.image_size or data.image_size, stats.get("mean", data.mean), stats.get("std", data.std),
                                      train=True, scale=data.train_scale, interpolation=data.interpolation,
                                      hflip=data.hflip, color_jitter=self.color_jitter)
 

@@ -220,10 +220,11 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
         d = cfg.data
         mean, std = identity["view mean"], identity["view std"]
         # uint8 out of the workers, normalised on the device (bit-identical to the online view)
-        transform = build_image_transform(d.image_size, mean, std, train=False, interpolation=d.interpolation,
+        size = cfg.teacher_image_size
+        transform = build_image_transform(size, mean, std, train=False, interpolation=d.interpolation,
                                           normalize=False)
         normalizer = PixelNormalizer(mean, std)
-        decoder = DeviceDecoder(d.image_size, d.interpolation) if d.decode == "device" else None
+        decoder = DeviceDecoder(size, d.interpolation) if d.decode == "device" else None
         prepare = (DeviceDecodePlan(None, False, host_transform=transform) if decoder is not None
                    else partial(_decode_on_host, transform))
         workers = d.num_workers if num_workers is None else num_workers
@@ -303,7 +304,7 @@ def _assemble(output: Path, units: Sequence[_Unit], identity: dict[str, Any], dt
     write_text_atomic(output / BAD, "".join(line + "\n" for line in bad))
     duplicates = len(all_ids) - len(ids)
     meta = {"format": FORMAT, "version": VERSION, "identity": identity, "count": len(ids), "dim": int(dim or 0),
-            "dtype": dtype, "teacher_precision": precision, "view": "eval (resize to image_size, no crop, no flip)",
+            "dtype": dtype, "teacher_precision": precision, "view": "eval (resize to the view size, no crop, no flip)",
             "decode": decode,
             "skipped_unreadable": len(bad), "duplicate_ids_dropped": int(duplicates)}
     write_json_atomic(output / META, meta)

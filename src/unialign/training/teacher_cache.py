@@ -19,7 +19,8 @@ an error naming the key), never builds the teacher, and looks each batch's targe
 batch, and a missing id is an exact error with no device sync).
 
 **When cached targets equal online ones.** The cache holds the teacher's output for the
-*evaluation view* of each image: resized to ``data.image_size`` squared, no crop, no flip
+*evaluation view* of each image: resized to the teacher's size squared (``teacher.image_size``,
+by default ``data.image_size``), no crop, no flip
 (normalised with ``data.mean/std``, or the teacher's own statistics with
 ``teacher.view: separate``). Online, the teacher sees the student's augmented pixels
 (``teacher.view: same``) or its own augmentation (``separate``). The two agree exactly only
@@ -89,7 +90,7 @@ def cache_identity(cfg: Config) -> dict[str, Any]:
         "teacher.block": t.block,
         "teacher.after_norm": t.after_norm,
         "teacher.kwargs": t.kwargs,
-        "data.image_size": d.image_size,
+        "view size": cfg.teacher_image_size,
         "data.interpolation": d.interpolation,
         "view mean": mean,
         "view std": std,
