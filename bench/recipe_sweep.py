@@ -5,10 +5,16 @@
     python bench/recipe_sweep.py --name px112 --set data.image_size=112 --seeds 0 1 2
     python bench/recipe_sweep.py --small --name smoke --set train.weight_decay=0.1 --splits test
 
+    python bench/recipe_sweep.py --name flip --set data.hflip=true --folds 4 --splits test
+
 `--set KEY=VALUE` takes the run config's dotted keys (values read as YAML: `all`, `false`, `0.004`).
 Each seed trains the changed row and, as the baseline from the same invocation, the unchanged one
 (a finished run of an identical config in --output is reused). Both are scored on every split of
 `--splits` of the demo's held-out set: decide on val; test is recorded, not for choosing.
+The val split holds 80 Tux Paint images (one is 1.25 points), too few to see a change of two points;
+`--folds K` decides on K-fold cross-validation instead: the held-out set's train and val images are
+cut into K parts by a hash of their path, and each part is scored (`cv`) by a model trained on the
+other parts (plus the generated pairs), K models per seed: all ~630 images held out once, test kept out.
 docs/RECIPE.md section 8 was measured this way (two of its runs, re-run with this script, gave the
 same numbers to the digit). One JSON line per run is appended to
 OUTPUT/results.jsonl; the table of means is printed (Markdown).
@@ -17,6 +23,7 @@ OUTPUT/results.jsonl; the table of means is printed (Markdown).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -50,6 +57,28 @@ def parse_changes(pairs: list[str]) -> dict[str, Any]:
     return changes
 
 
+def write_fold(dataset: Path, images: Path, folds: int, fold: int, out: Path) -> Path:
+    """A copy of the Karpathy JSON `dataset` whose train and val images are re-split: part `fold` of
+    `folds` (by a hash of the image's path) is "val", the other parts "train"; test is left out."""
+    data = json.loads(dataset.read_text())
+    kept = []
+    for image in data["images"]:
+        if image["split"] in ("train", "val"):
+            path = f"{image['filepath']}/{image['filename']}"
+            part = int(hashlib.sha256(path.encode()).hexdigest(), 16) % folds
+            kept.append({**image, "split": "val" if part == fold else "train"})
+    if not any(image["split"] == "val" for image in kept):
+        raise SystemExit(f"--folds {folds}: part {fold} of {dataset} holds no image (too few for {folds} folds)")
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{dataset.stem}-fold{fold}of{folds}.json"
+    text = json.dumps({**data, "image_root": str(images), "images": kept,
+                       "split_rule": f"train and val of {dataset.name}, part {fold} of {folds} by sha256 of the path"})
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(target)
+    return target
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="the change's name (run folders, results)")
@@ -57,11 +86,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--no-generated", action="store_true", help="train on the real pairs only (no generated world)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--splits", nargs="+", default=["val", "test"])
+    p.add_argument("--folds", type=int, default=0, help="K >= 2: score K-fold cross-validation over the held-out "
+                   "set's train + val images (`cv`), K runs per seed and row")
     p.add_argument("--small", action="store_true", help="stand-in towers and data: a smoke run")
     p.add_argument("--output", type=Path, default=REPO / "runs" / "recipe_sweep")
     p.add_argument("--cache", type=Path, default=None, help="asset cache (default: the demo's)")
     args = p.parse_args(argv)
     changes = parse_changes(args.changes)
+    if args.folds == 1 or args.folds < 0:
+        raise SystemExit(f"--folds wants 0 (no cross-validation) or K >= 2, got {args.folds}")
     status = dict.fromkeys(USED_ASSETS, "stand-in") if args.small else check_assets()
     scale = choose_scale(False, status)
     if args.small:
@@ -72,11 +105,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"device: {info['gpu'] or 'CPU (' + info['cpu'] + ')'} | the demo's S-SMKE row, batch {scale.batch_size}, "
           f"{scale.image_size} px | change {args.name!r}: {changes or ''}{' no generated pairs' * args.no_generated}"
           f" | baseline: the row unchanged, same seeds")
+    folds = [write_fold(assets.eval_json, assets.eval_images, args.folds, k, args.output / "folds")
+             for k in range(args.folds)] or [None]
+    scored = (["cv"] if args.folds else []) + args.splits
     lines = []
-    for seed in args.seeds:
+    for seed, fold in ((seed, fold) for seed in args.seeds for fold in folds):
         for name, change, real_only in (("base", {}, False), (args.name, changes, args.no_generated)):
             raw = demo_config(assets, scale, ROWS[0])
             raw["seed"] = seed
+            if fold is not None:  # the evaluated set's training source, re-split
+                raw["data"]["train"] = [{**s, "path": str(fold), "splits": ["train"]}
+                                        if Path(s["path"]) == assets.eval_json else s for s in raw["data"]["train"]]
             if real_only:
                 raw["data"]["train"] = [s for s in raw["data"]["train"] if not is_generated(s)]
                 if not raw["data"]["train"]:
@@ -88,27 +127,30 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     raise SystemExit(f"--set {key}: no such section in the run config") from None
             cfg = parse_config(with_teacher_cache(raw, cache) if raw["teacher"]["enabled"] else raw,
                                source=f"recipe_sweep:{name}")
-            run = args.output / "runs" / f"{name}-s{seed}"
+            run = args.output / "runs" / (f"{name}-s{seed}" + (f"-{fold.stem.rsplit('-', 1)[1]}" if fold else ""))
             start = time.perf_counter()
             with quiet_libraries():
                 summary, reused = train_or_reuse(cfg, run, [])
             seconds = time.perf_counter() - start
             model = load_eval_model(str(run / CHECKPOINT_DIR / FINAL))
-            scores = {split: round(evaluate_retrieval_model(model, assets.eval_json, images=assets.eval_images,
-                                                            split=split, progress=False)["r_mean"], 2)
-                      for split in args.splits}
-            line = {"name": name, "seed": seed, "changes": change, "no_generated": real_only, **scores,
+            scores = {split: round(evaluate_retrieval_model(model, fold if split == "cv" else assets.eval_json,
+                                                            images=assets.eval_images, split="val" if split == "cv"
+                                                            else split, progress=False)["r_mean"], 2)
+                      for split in scored}
+            line = {"name": name, "seed": seed, "fold": fold and fold.stem, "changes": change,
+                    "no_generated": real_only, **scores,
                     "steps": summary["global_step"], "train_s": None if reused else round(seconds, 1),
                     "final_loss": summary["metrics"].get("train/loss"), "device": info["gpu"] or info["cpu"]}
             print(json.dumps(line), flush=True)
             with open(args.output / "results.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
             lines.append(line)
-    print(f"\n| run | steps | {' | '.join(f'{s} (mean of {len(args.seeds)} seeds)' for s in args.splits)} |")
-    print("|---|---|" + "---|" * len(args.splits))
+    runs = f"{len(args.seeds)} seeds" + (f" x {args.folds} folds" if args.folds else "")
+    print(f"\n| run | steps | {' | '.join(f'{s} (mean of {runs})' for s in scored)} |")
+    print("|---|---|" + "---|" * len(scored))
     for name in ("base", args.name):
         mine = [x for x in lines if x["name"] == name]
-        means = " | ".join(f"{statistics.mean(x[s] for x in mine):.1f}" for s in args.splits)
+        means = " | ".join(f"{statistics.mean(x[s] for x in mine):.1f}" for s in scored)
         print(f"| {name} | {mine[0]['steps']} | {means} |")
     return lines
 

@@ -147,3 +147,30 @@ def test_recipe_sweep_trains_the_change_beside_the_unchanged_row(tmp_path):
         sweep.main(["--name", "x", "--set", "train.base_lr", *common])
     with pytest.raises(SystemExit, match="Tux Paint is missing"):  # stand-ins: the generated pairs are all
         sweep.main(["--name", "x", "--no-generated", *common])
+
+
+def test_recipe_sweep_folds_score_each_part_with_a_model_that_never_saw_it(tmp_path):
+    """--folds 2: the held-out set's training images are cut in two; each half is scored (cv) by the
+    base and changed models trained on the other half, and the halves together are every image once."""
+    import json
+
+    import yaml
+
+    sweep = bench_module("recipe_sweep.py")
+    out = tmp_path / "sweep"
+    lines = sweep.main(["--small", "--splits", "test", "--seeds", "0", "--output", str(out), "--folds", "2",
+                        "--name", "hot", "--set", "train.base_lr=0.5"])
+    assert [(x["name"], x["fold"]) for x in lines] == [
+        ("base", "dataset_synthetic-fold0of2"), ("hot", "dataset_synthetic-fold0of2"),
+        ("base", "dataset_synthetic-fold1of2"), ("hot", "dataset_synthetic-fold1of2")]
+    assert all(0 <= x["cv"] <= 100 and "test" in x for x in lines)
+    parts = [json.loads((out / "folds" / f"dataset_synthetic-fold{k}of2.json").read_text())["images"] for k in (0, 1)]
+    held = [{(i["filepath"], i["filename"]) for i in part if i["split"] == "val"} for part in parts]
+    trained = [{(i["filepath"], i["filename"]) for i in part if i["split"] == "train"} for part in parts]
+    assert held[0] and held[1] and held[0] == trained[1] and held[1] == trained[0]
+    for k in (0, 1):
+        run = yaml.safe_load((out / "runs" / f"hot-s0-fold{k}of2" / "config.yaml").read_text())
+        source = run["data"]["train"][0]
+        assert source["path"].endswith(f"fold{k}of2.json") and source["splits"] == ["train"]
+    with pytest.raises(SystemExit, match="--folds wants 0"):
+        sweep.main(["--small", "--output", str(out), "--folds", "1", "--name", "x"])

@@ -342,7 +342,8 @@ def with_teacher_cache(raw: dict[str, Any], cache: Path) -> dict[str, Any]:
     from ..config import parse_config
     from ..training.cache_build import ensure_auto_cache
 
-    folder = ensure_auto_cache(parse_config(raw, source="demo teacher"), root=cache, batch_size=64, num_workers=0,
+    auto = {**raw, "teacher": {**raw["teacher"], "cache": "auto"}}
+    folder = ensure_auto_cache(parse_config(auto, source="demo teacher"), root=cache, batch_size=64, num_workers=0,
                                progress=False)
     return {**raw, "teacher": {**raw["teacher"], "cache": str(folder)}}
 
