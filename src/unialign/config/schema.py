@@ -109,8 +109,8 @@ class TeacherConfig(_Strict):
     after_norm: bool = False  # paper: before the final LayerNorm
     view: Literal["same", "separate"] = "same"  # same pixels as the student, or its own augmentation
     # The teacher's input side (None: data.image_size). Above the student's, the teacher sees detail
-    # that the student's smaller view has lost, and distillation passes it on; its targets then come
-    # from a view of its own: the cache (teacher.cache) or teacher.view: separate.
+    # that the student's smaller view has lost (measured in docs/RECIPE.md section 9); its targets then
+    # come from a view of its own: the cache (teacher.cache) or teacher.view: separate.
     image_size: int | None = Field(None, ge=8)
     # With view: separate, a colour jitter (brightness, contrast, saturation) after the crop and flip,
     # as the thesis's teacher view had (0.4, 0.4, 0.4).
