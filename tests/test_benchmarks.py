@@ -125,52 +125,36 @@ def test_frozen_cache_benchmark_compares_the_same_run_with_and_without_the_cache
     assert on["final_loss"] == pytest.approx(off["final_loss"], rel=1e-4)  # the caches change no result
 
 
-def test_recipe_sweep_trains_the_change_beside_the_unchanged_row(tmp_path):
-    """Each seed trains the changed config and the unchanged one; the latter is shared by sweeps."""
-    import json
-
-    import yaml
-
-    sweep = bench_module("recipe_sweep.py")
-    out = tmp_path / "sweep"
-    common = ["--small", "--splits", "test", "--seeds", "0", "--output", str(out)]
-    lines = sweep.main(["--name", "hot", "--set", "train.base_lr=0.5", *common])
-    base, hot = lines
-    assert (base["name"], hot["name"]) == ("base", "hot") and hot["changes"] == {"train.base_lr": 0.5}
-    assert base["steps"] == hot["steps"] > 0 and base["final_loss"] != hot["final_loss"]
-    assert [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()] == lines
-    # the unchanged row of another sweep is the same run: reused, same score
-    again = sweep.main(["--name", "cool", "--set", "train.base_lr=1e-5", *common])
-    assert again[0]["train_s"] is None and again[0]["test"] == base["test"]
-    assert yaml.safe_load((out / "runs" / "cool-s0" / "config.yaml").read_text())["train"]["base_lr"] == 1e-5
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        sweep.main(["--name", "x", "--set", "train.base_lr", *common])
-    with pytest.raises(SystemExit, match="Tux Paint is missing"):  # stand-ins: the generated pairs are all
-        sweep.main(["--name", "x", "--no-generated", *common])
-
-
-def test_recipe_sweep_folds_score_each_part_with_a_model_that_never_saw_it(tmp_path):
+def test_recipe_sweep_scores_each_fold_with_models_that_never_saw_it(tmp_path):
     """--folds 2: the held-out set's training images are cut in two; each half is scored (cv) by the
-    base and changed models trained on the other half, and the halves together are every image once."""
+    unchanged and the changed model trained on the other half; the halves together are every image
+    once, and the unchanged row of another sweep is the same run (reused)."""
     import json
 
     import yaml
 
     sweep = bench_module("recipe_sweep.py")
     out = tmp_path / "sweep"
-    lines = sweep.main(["--small", "--splits", "test", "--seeds", "0", "--output", str(out), "--folds", "2",
-                        "--name", "hot", "--set", "train.base_lr=0.5"])
+    common = ["--small", "--seeds", "0", "--output", str(out), "--folds", "2"]
+    lines = sweep.main(["--name", "hot", "--set", "train.base_lr=0.5", *common])
     assert [(x["name"], x["fold"]) for x in lines] == [
         ("base", "dataset_synthetic-fold0of2"), ("hot", "dataset_synthetic-fold0of2"),
         ("base", "dataset_synthetic-fold1of2"), ("hot", "dataset_synthetic-fold1of2")]
-    assert all(0 <= x["cv"] <= 100 and "test" in x for x in lines)
+    assert all(0 <= x["cv"] <= 100 and 0 <= x["test"] <= 100 for x in lines)
+    base, hot = lines[:2]
+    assert hot["changes"] == {"train.base_lr": 0.5} and base["steps"] == hot["steps"] > 0
+    assert base["final_loss"] != hot["final_loss"]
+    assert [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()] == lines
     parts = [json.loads((out / "folds" / f"dataset_synthetic-fold{k}of2.json").read_text())["images"] for k in (0, 1)]
     held = [{(i["filepath"], i["filename"]) for i in part if i["split"] == "val"} for part in parts]
     trained = [{(i["filepath"], i["filename"]) for i in part if i["split"] == "train"} for part in parts]
     assert held[0] and held[1] and held[0] == trained[1] and held[1] == trained[0]
     for k in (0, 1):
-        run = yaml.safe_load((out / "runs" / f"hot-s0-fold{k}of2" / "config.yaml").read_text())
-        source = run["data"]["train"][0]
+        source = yaml.safe_load((out / "runs" / f"hot-s0-fold{k}of2" / "config.yaml").read_text())["data"]["train"][0]
         assert source["path"].endswith(f"fold{k}of2.json") and source["splits"] == ["train"]
-    with pytest.raises(SystemExit, match="--folds wants 0"):
+    again = sweep.main(["--name", "cool", "--set", "train.base_lr=1e-5", *common])
+    assert again[0]["train_s"] is None and again[0]["cv"] == base["cv"]
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        sweep.main(["--name", "x", "--set", "train.base_lr", *common])
+    with pytest.raises(SystemExit, match="--folds wants K >= 2"):
         sweep.main(["--small", "--output", str(out), "--folds", "1", "--name", "x"])

@@ -80,7 +80,7 @@ def test_small_config_resolves_against_the_working_folder(tmp_path, monkeypatch)
 
 
 def test_small_config_is_the_demos_recipe(tmp_path, monkeypatch) -> None:
-    """configs/small.yaml trains what the demo trains (only the image size and caption length may differ):
+    """configs/small.yaml trains what the demo trains (only the caption length may differ):
     a recipe change to one that misses the other fails here."""
     from unialign.demo.plan import FULL
 
@@ -96,7 +96,7 @@ def test_small_config_is_the_demos_recipe(tmp_path, monkeypatch) -> None:
         1, FULL.teacher_block, "contrastive", FULL.bank_size)
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.base_lr) == (FULL.epochs, FULL.batch_size, FULL.base_lr)
     assert cfg.data.unaugmented and cfg.train.cache_frozen_image and cfg.train.cache_frozen_text
-    assert cfg.data.image_size == 2 * FULL.image_size
+    assert cfg.data.image_size == FULL.image_size
 
 
 def test_auto_teacher_cache_is_built_once_reused_and_rebuilt_for_new_images(

