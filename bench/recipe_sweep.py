@@ -11,9 +11,9 @@ hash of each image's path, and each part is scored (`cv`) by a model trained on 
 the changed row and, as the baseline from the same invocation, the unchanged one (a finished run of
 an identical config in --output is reused). Every image is held out once: ~630 scored images against
 the 80 of the val split, where one image moved the score by 1.25 points. The test split is scored too
-(`--splits test`, each fold's model), recorded and never used for choosing. docs/RECIPE.md sections
-8 (val split, the demo's earlier recipe) and 9 were measured this way. One JSON line per run is
-appended to OUTPUT/results.jsonl; the table of means is printed (Markdown).
+(`--splits test`, each fold's model), recorded and never used for choosing. docs/RECIPE.md section 9
+was measured this way (section 8 with this script's earlier val-split scoring). One JSON line per run
+is appended to OUTPUT/results.jsonl; the table of means is printed (Markdown).
 """
 
 from __future__ import annotations
