@@ -358,7 +358,7 @@ class Config(_Strict):
             raise ValueError("data.decode: device decodes each image once, on the device, for the student's view; "
                              "teacher.view: separate needs data.decode: host")
         t = self.teacher
-        if t.image_size not in (None, self.data.image_size) and t.view == "same" and t.cache is None:
+        if t.enabled and t.image_size not in (None, self.data.image_size) and t.view == "same" and t.cache is None:
             raise ValueError(f"teacher.image_size {t.image_size} differs from data.image_size {self.data.image_size}, "
                              "but with teacher.view: same the online teacher sees the student's pixels: set "
                              "teacher.cache (auto) or teacher.view: separate")
