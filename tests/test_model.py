@@ -256,13 +256,13 @@ def test_teacher_view_with_colour_jitter(text_model_dir, teacher_checkpoint):
     raw["teacher"]["view"] = "separate"
     cfg = Config.model_validate(raw)
     img = Image.new("RGB", (40, 40), (120, 80, 40))
-    jittered = Teacher(cfg.teacher).train_transform(cfg.data)
+    jittered = Teacher(cfg.teacher).train_transform(cfg.data, cfg.teacher_image_size)
     torch.manual_seed(0)
     means = [float(jittered(img).mean()) for _ in range(8)]
     assert max(means) - min(means) > 0.05  # brightness/contrast/saturation drawn per call
     raw["teacher"]["color_jitter"] = None
     cfg = Config.model_validate(raw)
-    plain = Teacher(cfg.teacher).train_transform(cfg.data)
+    plain = Teacher(cfg.teacher).train_transform(cfg.data, cfg.teacher_image_size)
     assert len({round(float(plain(img).mean()), 6) for _ in range(4)}) == 1
 
 

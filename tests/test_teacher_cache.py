@@ -151,7 +151,7 @@ def test_teacher_image_size_is_the_teachers_own_view(small_world, text_model_dir
     separate_cfg = parse_config(separate)
     teacher = Teacher(separate_cfg.teacher)
     image = Image.open(_records(small_world)[0].image).convert("RGB")
-    assert teacher.train_transform(separate_cfg.data)(image).shape == (3, 48, 48)
+    assert teacher.train_transform(separate_cfg.data, separate_cfg.teacher_image_size)(image).shape == (3, 48, 48)
 
     raw["teacher"]["cache"] = "auto"
     cache = TeacherCache.open(build_teacher_cache(parse_config(raw), tmp_path / "cache", num_workers=0,

@@ -201,16 +201,16 @@ class Teacher(nn.Module):
                                               cfg.kwargs, keep_final_norm=cfg.after_norm)
         self.backbone.requires_grad_(False)
         self.color_jitter = cfg.color_jitter
-        self.image_size = cfg.image_size
         self.eval()
         self.width = self.backbone.width
 
-    def train_transform(self, data: DataConfig) -> Callable:
-        """The teacher's own augmentation of the image, normalised with the teacher's statistics."""
+    def train_transform(self, data: DataConfig, image_size: int) -> Callable:
+        """The teacher's own augmentation of the image at `image_size` (`Config.teacher_image_size`),
+        normalised with the teacher's statistics."""
         from ..data.transforms import build_image_transform
 
         stats = self.backbone.data_config
-        return build_image_transform(self.image_size or data.image_size, stats.get("mean", data.mean), stats.get("std", data.std),
+        return build_image_transform(image_size, stats.get("mean", data.mean), stats.get("std", data.std),
                                      train=True, scale=data.train_scale, interpolation=data.interpolation,
                                      hflip=data.hflip, color_jitter=self.color_jitter)
 

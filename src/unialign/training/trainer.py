@@ -320,7 +320,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False,
     module = SMKETraining(cfg.model_dump(mode="json"), tokenizer=tokenizer)
     teacher_transform = None
     if module.teacher is not None and cfg.teacher.view == "separate":
-        teacher_transform = module.teacher.train_transform(cfg.data)
+        teacher_transform = module.teacher.train_transform(cfg.data, cfg.teacher_image_size)
     datamodule = RetrievalDataModule(cfg.data, tokenizer, cfg.model.text.max_length, cfg.train.batch_size,
                                      cfg.seed, teacher_transform=teacher_transform)
     if resume:
