@@ -158,3 +158,9 @@ def test_recipe_sweep_scores_each_fold_with_models_that_never_saw_it(tmp_path):
         sweep.main(["--name", "x", "--set", "train.base_lr", *common])
     with pytest.raises(SystemExit, match="--folds wants K >= 2"):
         sweep.main(["--small", "--output", str(out), "--folds", "1", "--name", "x"])
+
+
+def test_frozen_cache_benchmark_needs_real_towers_for_the_hf_row(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="needs the real image tower"):
+        bench_module("frozen_cache.py").main(["--small", "--row", "hf_dual"])

@@ -147,3 +147,36 @@ def test_needs_hf_image_backend(world, dinov2_dir, text_model_dir, teacher_check
     raw["model"]["image"] = tiny_config_dict(text_model_dir, teacher_checkpoint, [])["model"]["image"]  # timm
     with pytest.raises(ConfigError, match="backend: hf"):
         build_hf_dual_encoder(parse_config(raw))
+
+
+def test_cached_frozen_prefix_trains_the_same_model(trained, world, dinov2_dir, text_model_dir, teacher_checkpoint,
+                                                    tmp_path, monkeypatch):
+    from transformers import VisionTextDualEncoderModel
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
+
+    embedded = []
+    forward = Dinov2Embeddings.forward
+    monkeypatch.setattr(Dinov2Embeddings, "forward",
+                        lambda self, pixels, *a, **k: embedded.append(len(pixels)) or forward(self, pixels, *a, **k))
+    cfg, summary, losses = trained
+    raw = _raw(world, dinov2_dir, text_model_dir, teacher_checkpoint)
+    raw["train"]["cache_frozen_image"] = True
+    cached_losses = _Losses()
+    cached = train_hf_dual_encoder(parse_config(raw), tmp_path / "run", callbacks=[cached_losses])
+    # the frozen embeddings and block 0 computed once per training image (16; 4 epochs of 32 pairs
+    # without the cache), then read: the same steps
+    assert sum(embedded) == 16 and len(cached_losses.losses) == len(losses) == 16
+    assert np.allclose(cached_losses.losses, losses, atol=1e-5), (cached_losses.losses, losses)
+    saved = VisionTextDualEncoderModel.from_pretrained(cached["folder"]).state_dict()
+    reference = VisionTextDualEncoderModel.from_pretrained(summary["folder"]).state_dict()
+    assert saved.keys() == reference.keys()  # saved whole: embeddings and all 3 kept blocks
+    for name, value in reference.items():
+        assert torch.allclose(saved[name], value, atol=1e-5), name
+
+
+def test_text_prefix_cache_is_refused(world, dinov2_dir, text_model_dir, teacher_checkpoint, tmp_path):
+    raw = _raw(world, dinov2_dir, text_model_dir, teacher_checkpoint)
+    raw["train"]["cache_frozen_text"] = True
+    with pytest.raises(ConfigError, match="cache_frozen_text"):
+        train_hf_dual_encoder(parse_config(raw), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -325,8 +325,9 @@ def demo_config(assets: DemoAssets, scale: Scale, row: Row) -> dict[str, Any]:
             "accelerator": "auto", "devices": 1, "checkpoint_every_steps": 10**9, "log_every_steps": 5,
             "progress_bar": False, "loggers": ["csv"],
             # the un-augmented views make the frozen blocks' output a fixed function of the image (and
-            # of the caption): computed in the first epoch, read in the other four (training/prefix_cache.py)
-            "cache_frozen_image": not row.hf_dual and (row.baseline or scale.image_freeze > 0),
+            # of the caption): computed in the first epoch, read in the other four (training/prefix_cache.py;
+            # the Hugging Face baseline caches its image side only, training/hf_dual.py)
+            "cache_frozen_image": row.baseline or scale.image_freeze > 0,
             "cache_frozen_text": not row.hf_dual and (row.baseline or scale.text_freeze > 0),
         },
     }

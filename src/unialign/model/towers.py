@@ -73,7 +73,7 @@ def hf_config_from_dict(config: dict[str, Any]) -> PretrainedConfig:
     return AutoConfig.for_model(config.pop("model_type"), **config)
 
 
-def _layer_list(model: nn.Module) -> tuple[nn.Module, str] | None:
+def hf_layer_list(model: nn.Module) -> tuple[nn.Module, str] | None:
     """Where a transformers model keeps its blocks (the layout differs across models and versions)."""
     for path in ("encoder.layer", "encoder.layers", "layers"):
         *parents, attr = path.split(".")
@@ -85,9 +85,18 @@ def _layer_list(model: nn.Module) -> tuple[nn.Module, str] | None:
     return None
 
 
+def hf_split_error(model: nn.Module) -> str | None:
+    """Why a transformers image model cannot be run in two parts, split after a block (None: it can).
+
+    Models whose forward is embeddings -> layers (hidden states only) -> layernorm can; BEiT-like
+    ones pass relative position biases between their layers."""
+    kind = model.config.model_type
+    return None if kind in ("dinov2", "vit") else f"Hugging Face {kind!r} towers cannot be split after a block"
+
+
 def truncate_hf_layers(model: nn.Module, layers: int | list[int], what: str) -> None:
     """Keep the chosen blocks of a transformers model, in place, and record it in its config."""
-    found = _layer_list(model)
+    found = hf_layer_list(model)
     if found is None:
         raise ValueError(f"{what} has no list of Transformer layers to truncate")
     parent, attr = found
@@ -138,16 +147,16 @@ class ImageTower(nn.Module):
     def forward_prefix(self, pixels: torch.Tensor, n: int) -> torch.Tensor:
         tokens = self._embed(pixels)
         for block in self._blocks()[:n]:
-            tokens = _block_output(block(tokens))
+            tokens = block_output(block(tokens))
         return tokens
 
     def forward_suffix(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
         for block in self._blocks()[n:]:
-            tokens = _block_output(block(tokens))
+            tokens = block_output(block(tokens))
         return self._final(tokens)
 
 
-def _block_output(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+def block_output(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """transformers' layers return a tensor or (depending on the version) a tuple led by it."""
     return out[0] if isinstance(out, tuple) else out
 
@@ -233,16 +242,13 @@ class HFImageTower(ImageTower):
         return self.model(pixel_values=pixels).last_hidden_state
 
     def split_error(self) -> str | None:
-        # Models whose forward is embeddings -> layers (hidden states only) -> layernorm; BEiT-like
-        # ones pass relative position biases between their layers.
-        kind = self.model.config.model_type
-        return None if kind in ("dinov2", "vit") else f"Hugging Face {kind!r} towers cannot be split after a block"
+        return hf_split_error(self.model)
 
     def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.embeddings(pixels)
 
     def _blocks(self) -> list[nn.Module]:
-        found = _layer_list(self.model)
+        found = hf_layer_list(self.model)
         assert found is not None
         return list(getattr(*found))
 
@@ -362,9 +368,9 @@ class TextTower(nn.Module):
         return self._layers(tokens, attention_mask, slice(n, None))
 
     def _layers(self, tokens: torch.Tensor, attention_mask: torch.Tensor, which: slice) -> torch.Tensor:
-        found = _layer_list(self.model)
+        found = hf_layer_list(self.model)
         assert found is not None
         mask = self._mask(attention_mask)
         for layer in list(getattr(*found))[which]:
-            tokens = _block_output(layer(tokens, mask))
+            tokens = block_output(layer(tokens, mask))
         return tokens

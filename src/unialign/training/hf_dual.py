@@ -4,6 +4,10 @@ The peer a user would reach for: the run config's two towers (same kept and froz
 by transformers' own dual encoder (pooled outputs, linear projections to the image tower's width,
 its logit-scale init and contrastive loss), trained on the same data, batches, seed and optimiser
 recipe as an S-SMKE run and saved as a transformers folder that ``hf:FOLDER`` evaluates.
+
+`train.cache_frozen_image` works here as in S-SMKE runs (training/prefix_cache.py): while the model
+trains, its vision model's embeddings and frozen blocks are set aside and the cached output of
+those blocks enters where the embeddings' output would; the folder is saved whole.
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 from transformers import (AutoConfig, AutoModel, PreTrainedModel, VisionTextDualEncoderConfig,
                           VisionTextDualEncoderModel, ViTImageProcessor)
 from transformers.image_utils import PILImageResampling
@@ -27,10 +33,12 @@ from ..config import Config, ConfigError, DataConfig, FreezeLayers, save_config
 from ..data.sampler import derive_seed
 from ..model.factory import create_tokenizer
 from ..model.smke import no_weight_decay_names, param_groups
-from ..model.towers import freeze_tower, frozen_modules, truncate_hf_layers
+from ..model.towers import (block_output, hf_layer_list, freeze_tower, frozen_modules, hf_split_error,
+                            truncate_hf_layers)
 from .callbacks import BadSamples
 from .datamodule import RetrievalDataModule
 from .module import DROPOUT_STREAM, adamw_warmup_cosine, fused_adamw
+from .prefix_cache import FrozenPrefixCache
 from .trainer import build_trainer
 
 HF_FOLDER = "hf_dual_encoder"  # the saved model, inside the run's output directory
@@ -75,14 +83,65 @@ def eval_image_processor(data: DataConfig) -> ViTImageProcessor:
                              do_normalize=True, image_mean=list(data.mean), image_std=list(data.std))
 
 
-class HFDualTraining(L.LightningModule):
-    """Trains a `VisionTextDualEncoderModel` with its own loss (`return_loss=True`) and S-SMKE's optimiser."""
+class _CachedPrefix(nn.Module):
+    """Takes the place of a vision model's embeddings while its frozen prefix is read from a cache:
+    the "pixel values" the model is handed are already that prefix's output tokens."""
 
-    def __init__(self, model: VisionTextDualEncoderModel, cfg: Config) -> None:
+    def __init__(self, embeddings: nn.Module) -> None:
+        super().__init__()
+        # ViT's forward reads the input dtype off its patch projection before calling the embeddings
+        self.patch_embeddings = embeddings.patch_embeddings
+
+    def forward(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return pixel_values
+
+
+class _Prefix(nn.Module):
+    """A vision model's embeddings and first blocks, set aside: pixels -> those blocks' output tokens."""
+
+    def __init__(self, embeddings: nn.Module, blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        tokens = self.embeddings(pixels)
+        for block in self.blocks:
+            tokens = block_output(block(tokens))
+        return tokens
+
+
+@contextmanager
+def prefix_set_aside(vision: PreTrainedModel, n: int) -> Iterator[_Prefix]:
+    """For the duration, `vision` runs only its blocks above the first `n`, on the tokens it is given
+    as pixel values; yields the part set aside. The model is whole again afterwards, whatever happens."""
+    if why := hf_split_error(vision):
+        raise ConfigError(f"train.cache_frozen_image: {why}")
+    parent, attr = hf_layer_list(vision)  # type: ignore[misc]
+    embeddings, blocks = vision.embeddings, getattr(parent, attr)
+    vision.embeddings = _CachedPrefix(embeddings)
+    setattr(parent, attr, nn.ModuleList(blocks[n:]))
+    try:
+        yield _Prefix(embeddings, blocks[:n])
+    finally:
+        vision.embeddings = embeddings
+        setattr(parent, attr, blocks)
+
+
+class HFDualTraining(L.LightningModule):
+    """Trains a `VisionTextDualEncoderModel` with its own loss (`return_loss=True`) and S-SMKE's optimiser.
+
+    `prefix`: the vision model's frozen part, set aside (`prefix_set_aside`) with `train.cache_frozen_image`:
+    its output is computed once per image and kept in `prefix_cache`."""
+
+    def __init__(self, model: VisionTextDualEncoderModel, cfg: Config, prefix: _Prefix | None = None) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self._frozen = frozen_modules(model.vision_model) + frozen_modules(model.text_model)
+        self.prefix = prefix  # a submodule: it moves to the training device with the model
+        self.prefix_cache = None if prefix is None else FrozenPrefixCache(len(prefix.blocks))
+        self._frozen = [*frozen_modules(model.vision_model), *frozen_modules(model.text_model),
+                        *([] if prefix is None else [prefix])]
         self._no_decay = no_weight_decay_names(model, "model.")
 
     def train(self, mode: bool = True) -> "HFDualTraining":
@@ -91,6 +150,12 @@ class HFDualTraining(L.LightningModule):
             module.eval()
         return self
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the host: which cached prefix rows the batch reads and fills (as S-SMKE's runs)."""
+        if self.prefix_cache is not None and self._trainer is not None and self.trainer.training:
+            batch["image_rows"], batch["image_fill"] = self.prefix_cache.plan(batch["image_id"].tolist())
+        return batch
+
     def on_fit_start(self) -> None:
         self.train()  # transformers loads models in eval mode and Lightning keeps each module's mode
         torch.manual_seed(derive_seed(self.cfg.seed, DROPOUT_STREAM, self.global_rank))  # as SMKETraining
@@ -98,8 +163,12 @@ class HFDualTraining(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if batch["size"] == 0:  # every sample unreadable (counted by the BadSamples callback)
             return None
+        pixels = batch["image"]
+        if self.prefix is not None:
+            pixels = self.prefix_cache.read(lambda i: self.prefix(pixels[i]), batch["image_rows"],
+                                            batch["image_fill"])
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch["image"], return_loss=True)
+                         pixel_values=pixels, return_loss=True)
         self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=False,
                  batch_size=batch["image"].shape[0])
         self.log("train/logit_scale", self.model.logit_scale.detach().exp(), on_step=True, on_epoch=False)
@@ -129,6 +198,9 @@ def train_hf_dual_encoder(cfg: Config, output_dir: str | Path,
     Same trainer as `train` (precision, devices, accumulation, clipping, bad-sample guard, logs), but
     no resume and no unialign checkpoint: an output directory that already holds the folder is refused.
     Returns ``{"global_step", "epochs", "seconds", "samples_seen", "metrics", "folder"}`` (as `train`'s summary)."""
+    if cfg.train.cache_frozen_text:
+        raise ConfigError("train.cache_frozen_text: the Hugging Face dual-encoder baseline caches only the image "
+                          "tower's frozen prefix (train.cache_frozen_image)")
     output = Path(output_dir)
     folder = output / HF_FOLDER
     if folder.exists():
@@ -137,13 +209,17 @@ def train_hf_dual_encoder(cfg: Config, output_dir: str | Path,
     save_config(cfg, output / "config.yaml")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = create_tokenizer(cfg)
-    module = HFDualTraining(build_hf_dual_encoder(cfg), cfg)
+    model = build_hf_dual_encoder(cfg)
     datamodule = RetrievalDataModule(cfg.data, tokenizer, cfg.model.text.max_length, cfg.train.batch_size, cfg.seed)
     trainer = build_trainer(cfg, output, list(callbacks))
+    blocks, frozen = model.vision_model.config.num_hidden_layers, cfg.model.image.freeze_layers
+    n = blocks if frozen == "all" else min(frozen, blocks)
     start = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), \
+            (prefix_set_aside(model.vision_model, n) if cfg.train.cache_frozen_image else nullcontext()) as prefix:
         # The data module (shared with `train`) offers a val loader; this baseline is scored after training.
         warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+        module = HFDualTraining(model, cfg, prefix)
         trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
