@@ -136,3 +136,38 @@ def test_manifest_retrieval_by_hand(tmp_path: Path) -> None:
 def test_retrieval_needs_one_source(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exactly one of karpathy"):
         evaluate_retrieval_model(ColourModel())
+
+
+def test_pixel_memo_decodes_each_file_once_per_preprocessing(tiny_checkpoint: Path, image_files: list[str],
+                                                             tmp_path: Path, text_model_dir: Path, monkeypatch) -> None:
+    """Two models with the same preprocessing, scored on one set with a shared memo: the second decodes
+    nothing and gets the embeddings it would get alone; an unreadable file is skipped by both, with the
+    same reason; another preprocessing (the Hugging Face adapter's) decodes for itself."""
+    import unialign.evaluation.encode as encode
+    from unialign.evaluation.encode import PixelMemo
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    files = [*image_files, str(broken)]
+    decoded: list[str] = []
+    load_image = encode.load_image
+    monkeypatch.setattr(encode, "load_image", lambda path: decoded.append(path) or load_image(path))
+
+    alone = load_eval_model(str(tiny_checkpoint), "cpu").encode_images(files, batch_size=2, progress=False)
+    assert len(decoded) == 4
+    memo, runs = PixelMemo(), []
+    for _ in range(2):  # two loads of the checkpoint: equal transforms, not the same object
+        decoded.clear()
+        runs.append(load_eval_model(str(tiny_checkpoint), "cpu").encode_images(files, batch_size=2, progress=False,
+                                                                                memo=memo))
+        runs[-1] = (*runs[-1], len(decoded))
+    (first, kept1, skipped1, n1), (second, kept2, skipped2, n2) = runs
+    assert (n1, n2) == (4, 0)
+    assert kept1 == kept2 == alone[1] == [0, 1, 2] and skipped1 == skipped2 == alone[2]
+    assert skipped1[0][0] == str(broken)
+    assert torch.allclose(first, alone[0]) and torch.allclose(second, alone[0])
+
+    decoded.clear()
+    hf = load_eval_model(f"hf:{tiny_hf_clip(tmp_path / 'hf', text_model_dir)}", "cpu")
+    hf.encode_images(files, batch_size=2, progress=False, memo=memo)
+    assert len(decoded) == 4 and len(memo.entries) == 2

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .files import atomic_path
+
+if TYPE_CHECKING:
+    from .evaluation.encode import PixelMemo
 
 THUMB = 112  # thumbnail side in the picture, pixels
 MARK = (30, 150, 60)  # the captioned image's frame (green)
@@ -25,8 +28,9 @@ def pick_queries(captions: list[str], n: int) -> list[int]:
 
 
 def search_examples(checkpoint: Path, karpathy: Path, images: Path, n_queries: int = 4,
-                    top_k: int = 3) -> list[dict[str, Any]]:
-    """Text-to-image search on a split's test images for `n_queries` of its captions (see pick_queries)."""
+                    top_k: int = 3, memo: PixelMemo | None = None) -> list[dict[str, Any]]:
+    """Text-to-image search on a split's test images for `n_queries` of its captions (see pick_queries);
+    `memo`: preprocessed pixels of an evaluation of the same images (evaluation.encode.PixelMemo)."""
     from .data.records import read_karpathy_eval
     from .evaluation.encode import encode_images, encode_texts
     from .evaluation.run import default_device
@@ -35,7 +39,7 @@ def search_examples(checkpoint: Path, karpathy: Path, images: Path, n_queries: i
     device = default_device()
     model, preprocess, tokenizer = load(checkpoint, device=device)
     data = read_karpathy_eval(karpathy, images, "test")
-    image_emb, kept, _ = encode_images(model, preprocess, data.images, device=device, progress=False)
+    image_emb, kept, _ = encode_images(model, preprocess, data.images, device=device, progress=False, memo=memo)
     picks = pick_queries(data.captions, n_queries)
     text_emb = encode_texts(model, tokenizer, [data.captions[i] for i in picks], device=device, progress=False)
     scores = text_emb @ image_emb.T

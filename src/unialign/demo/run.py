@@ -157,6 +157,7 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
 
     from ..config import parse_config
     from ..data.records import read_karpathy_eval
+    from ..evaluation.encode import PixelMemo
     from ..evaluation.models import load_eval_model
     from ..evaluation.run import evaluate_retrieval_model
     from ..training.trainer import CHECKPOINT_DIR, FINAL
@@ -190,6 +191,7 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
         extra_results: dict[str, dict[str, dict[str, Any]]] = {}
         reused_runs: list[str] = []
         training: dict[str, dict[str, Any]] = {}
+        memo = PixelMemo()  # every row but the Hugging Face one preprocesses alike: each file is decoded once
         for row in rows:
             run_dir = output / "runs" / row.key
             bar.set_description(f"training {row.key}")
@@ -211,7 +213,7 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
             else:
                 model = load_eval_model(model_spec(row, run_dir))
                 result = evaluate_retrieval_model(model, assets.eval_json, images=assets.eval_images, split="test",
-                                                  progress=False)
+                                                  progress=False, memo=memo)
                 write_json_atomic(result_file, result)
             results[row.key] = result
             for i, (name, karpathy, images) in enumerate(assets.extra_evals):
@@ -220,7 +222,8 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
                     extra = json.loads(extra_file.read_text())
                 else:
                     model = model or load_eval_model(model_spec(row, run_dir))
-                    extra = evaluate_retrieval_model(model, karpathy, images=images, split="test", progress=False)
+                    extra = evaluate_retrieval_model(model, karpathy, images=images, split="test", progress=False,
+                                                     memo=memo)
                     write_json_atomic(extra_file, extra)
                 extra_results.setdefault(name, {})[row.key] = _metrics(extra)
             times[f"eval_{row.key}"] = time.perf_counter() - t0
@@ -228,7 +231,7 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
         bar.set_description("search examples")
         t0 = time.perf_counter()
         examples = search_examples(output / "runs" / rows[0].key / CHECKPOINT_DIR / FINAL, assets.eval_json,
-                                   assets.eval_images)
+                                   assets.eval_images, memo=memo)
         examples_png = draw_search_examples(examples, assets.eval_images, output / "search_examples.png")
         times["search"] = time.perf_counter() - t0
         bar.set_description("done")

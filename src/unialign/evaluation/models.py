@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .encode import encode_images, encode_texts
+from .encode import PixelMemo, encode_images, encode_texts
 from .specs import EvalError
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,12 @@ class EvalModel(ABC):
         """Tokenized texts -> (B, width), L2-normalised."""
 
     def encode_images(self, paths: Sequence[str], batch_size: int = 64, num_workers: int = 0,
-                      progress: bool = True) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
-        """Embeddings of the readable files, their indices into `paths`, and the (path, reason) skipped."""
+                      progress: bool = True, memo: PixelMemo | None = None
+                      ) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
+        """Embeddings of the readable files, their indices into `paths`, and the (path, reason) skipped;
+        `memo` keeps preprocessed pixels for the next model with the same preprocessing."""
         return encode_images(self, self.preprocess, paths, batch_size, num_workers, self.device,  # type: ignore[arg-type]
-                             progress)
+                             progress, memo)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = True) -> torch.Tensor:
         return encode_texts(self, self.tokenize, texts, batch_size, self.device, progress)  # type: ignore[arg-type]

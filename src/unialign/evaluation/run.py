@@ -14,6 +14,7 @@ from .retrieval import metrics_from_ranks, retrieval_ranks
 from .specs import EvalError
 
 if TYPE_CHECKING:
+    from .encode import PixelMemo
     from .models import EvalModel
 
 
@@ -50,7 +51,7 @@ def check_missing(n_missing: int, n_total: int, skipped: list[tuple[str, str]], 
 def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, where: str, batch_size: int = 64,
                            num_workers: int = 0, progress: bool = True,
                            max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION,
-                           rerank: int = 0) -> dict[str, Any]:
+                           rerank: int = 0, memo: PixelMemo | None = None) -> dict[str, Any]:
     """Recall@K both ways for one gallery (`where` names it in errors).
 
     Unreadable or missing images are dropped with their captions and counted; more of them than
@@ -60,13 +61,16 @@ def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, w
 
     `rerank` K > 0 (a unialign model with an ITM head) also re-ranks each query's top K with the
     ITM head: the recalls stay the dual encoder's, the re-ranked ones go under ``reranked``, with
-    ``rerank_k``, ``encode_rank_seconds`` and ``rerank_seconds``."""
+    ``rerank_k``, ``encode_rank_seconds`` and ``rerank_seconds``.
+
+    `memo` (evaluation.encode.PixelMemo): shared by several models scored on the same set, each file
+    is decoded and preprocessed once per preprocessing."""
     if rerank:
         from .itm_score import require_itm
 
         require_itm(model)  # before the encoding pass, not after it
     start = time.perf_counter()
-    image_emb, kept, skipped = model.encode_images(data.images, batch_size, num_workers, progress)
+    image_emb, kept, skipped = model.encode_images(data.images, batch_size, num_workers, progress, memo)
     if not kept:
         raise EvalError(f"no readable image in {where}" + (f" (e.g. {skipped[0][0]}: {skipped[0][1]})"
                                                             if skipped else ""))
@@ -129,9 +133,10 @@ def evaluate_retrieval_model(model: EvalModel, karpathy: str | Path | None = Non
                              split: str = "test", dataset_name: str | None = None, batch_size: int = 64,
                              num_workers: int = 0, progress: bool = True,
                              max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION,
-                             rerank: int = 0) -> dict[str, Any]:
+                             rerank: int = 0, memo: PixelMemo | None = None) -> dict[str, Any]:
     """Retrieval on a Karpathy split or on a whole JSONL/CSV manifest (captions grouped by `image_id`).
-    `rerank` K > 0: also re-rank each query's top K with the checkpoint's ITM head.
+    `rerank` K > 0: also re-rank each query's top K with the checkpoint's ITM head; `memo`: as
+    `evaluate_retrieval_set`.
 
     More than `max_missing_fraction` of the gallery's images missing or unreadable is an error.
 
@@ -151,7 +156,7 @@ def evaluate_retrieval_model(model: EvalModel, karpathy: str | Path | None = Non
         data, source, used_split = retrieval_set(rs.records, rs.skipped_empty), manifest, None
         where = str(manifest)
     result = evaluate_retrieval_set(model, data, dataset_name or retrieval_dataset_name(source), where, batch_size,
-                                    num_workers, progress, max_missing_fraction, rerank)
+                                    num_workers, progress, max_missing_fraction, rerank, memo)
     return {**result, "split": used_split, "source": str(source)}
 
 
