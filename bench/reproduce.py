@@ -15,7 +15,9 @@ rewritten from all results of the current scale after every invocation.
 
 Sizes: on CPU the demo's recipe (56 px, 8 image blocks with the first 6 frozen, 115 steps of
 32 pairs: about 2 minutes a run on 2 cores, more when something else runs); on a GPU the same
-at 224 px (5-18 s a run on an H200; docs/reproduction-224px/). A GPU machine that cannot install
+at 224 px (5-18 s a run on an H200; docs/reproduction-224px/); `--scale demo`: the demo's present
+recipe (112 px, five passes over Tux Paint's train + val stamps, no generated pairs, 95 steps; about
+2 minutes a run on 2 cores; docs/reproduction-112px/). A GPU machine that cannot install
 the assets reads a bundle (`--assets`, made by bench/device_assets.py).
 """
 
@@ -65,16 +67,18 @@ from unialign.report import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TUX_TRAIN_PAIRS = 547  # Tux Paint train split (docs/ASSETS.md); the generated world fills up to the budget
+# Tux Paint's pairs by the splits trained on (docs/ASSETS.md); the generated world fills up to the budget
+TUX_PAIRS = {("train",): 547, ("train", "val"): 627}
 
 # Sizes. CPU: the demo's recipe (its S-SMKE row) as the reports were measured, at 56 px on Tux Paint's
 # train split plus generated pairs (about a minute a run on 2 cores; the demo has since moved to 112 px
 # and train + val). GPU: the same comparison at the towers' own 224 px (16x16 patches in place of 4x4).
 CPU = replace(FULL, world_images=0, image_size=56, real_splits=("train",), with_generated=True)
 GPU = replace(CPU, image_size=224)
+DEMO = FULL  # the demo's present recipe: 112 px, Tux Paint train + val, no generated pairs (~2 minutes a run)
 QUICK = Scale(image_size=56, image_layers=2, text_layers=2, teacher_block=3, batch_size=16, epochs=1, max_steps=-1,
               world_images=0, bank_size=2048, base_lr=2e-3)
-DEFAULT_STEPS = {"cpu": 115, "gpu": 115, "quick": 3}
+DEFAULT_STEPS = {"cpu": 115, "gpu": 115, "demo": 95, "quick": 3}  # demo: its five passes over 627 pairs
 # The paper's bank sizes (4K, 16K, 65K) as multiples of its batch of 512, applied to our batch.
 BANK_BATCHES = {"4K": 8, "16K": 32, "65K": 128}
 QUEUE_BATCHES = 128  # ALBEF's queue (65,536) at its batch (512), applied to our batch
@@ -391,8 +395,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", type=Path, help="Markdown report; PNGs and JSON go next to it "
                         "(default: docs/REPRODUCTION.md; with --quick: OUTPUT/REPRODUCTION.md)")
     parser.add_argument("--cache", type=Path, default=None, help="asset cache (default: the demo's)")
-    parser.add_argument("--scale", choices=["cpu", "gpu"], help="run sizes (default: gpu where CUDA is "
-                        "available): cpu = the demo's recipe at 56 px, gpu = the same at 224 px")
+    parser.add_argument("--scale", choices=["cpu", "gpu", "demo"], help="run sizes (default: gpu where CUDA is "
+                        "available): cpu = the demo's recipe at 56 px on Tux Paint train + generated pairs (the "
+                        "reports' setting), gpu = the same at 224 px, demo = the demo's present recipe (112 px, "
+                        "Tux Paint train + val)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report from the stored runs; train none of the missing ones")
     parser.add_argument("--assets", type=Path, default=None, metavar="BUNDLE",
@@ -408,7 +414,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
     import torch
 
     kind = "quick" if args.quick else args.scale or ("gpu" if torch.cuda.is_available() else "cpu")
-    base_scale = {"quick": QUICK, "gpu": GPU, "cpu": CPU}[kind]
+    base_scale = {"quick": QUICK, "gpu": GPU, "cpu": CPU, "demo": DEMO}[kind]
     steps = args.steps or DEFAULT_STEPS[kind]
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     all_groups = groups(base_scale)
@@ -424,9 +430,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
     missing = missing_assets(status)
     # Each epoch = Tux Paint train + enough generated pairs that `epochs` passes give `steps`
     # batches at the base batch size.
-    real_pairs = 0 if "tuxpaint" in missing else TUX_TRAIN_PAIRS
+    real_pairs = 0 if "tuxpaint" in missing else TUX_PAIRS[base_scale.real_splits]
     pairs_per_epoch = math.ceil(steps * base_scale.batch_size / base_scale.epochs)
-    world = max(8, math.ceil((pairs_per_epoch - real_pairs) / 2))
+    generated = base_scale.with_generated or not real_pairs
+    world = max(8, math.ceil((pairs_per_epoch - real_pairs) / 2)) if generated else 0
     scale = fit_to_standins(replace(base_scale, world_images=world), missing)
     # Tux Paint + generated pairs only: the epoch length (and so the schedule) is sized from them.
     assets = prepare_assets(cache, args.output, scale, status, clipart=False, bundle=args.assets)

@@ -132,3 +132,16 @@ def test_reproduce_smoke(tmp_path: Path, cache: Path, monkeypatch: pytest.Monkey
     (itm_run,) = [r for r in reranked if r["group"] == "itm"]
     assert itm["ITM head, dual encoder"]["mean"]["r_mean"] == itm_run["dual_metrics"]["r_mean"]
     assert itm[f"ITM head, re-rank top {reproduce.RERANK_K}"]["mean"]["r_mean"] == itm_run["metrics"]["r_mean"]
+
+
+def test_reproduce_demo_scale_is_the_demos_recipe(tmp_path: Path, cache: Path) -> None:
+    """--scale demo: the demo's present recipe, on Tux Paint train + val and no generated pairs (the real
+    assets, as the demo test above uses them); --report-only trains nothing."""
+    reproduce = bench_module("reproduce.py")
+    assert reproduce.DEMO == plan.FULL and reproduce.DEFAULT_STEPS["demo"] == 5 * (627 // 32)
+    out = tmp_path / "repro"
+    reproduce.main(["--scale", "demo", "--only", "kd", "--report-only", "--output", str(out), "--cache", str(cache),
+                    "--report", str(out / "REPRODUCTION.md")])
+    setup = (out / "REPRODUCTION.md").read_text()
+    assert "112 px images" in setup and "95 steps" in setup and "627 real + 0 generated pairs" in setup
+    assert not list(cache.glob(f"{plan.WORLD_PREFIX}*-112px"))  # no generated world made for it

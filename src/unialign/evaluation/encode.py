@@ -43,10 +43,11 @@ class PixelMemo:
 class _ImageFiles(Dataset):
     """`known`: the memo's entries under this preprocessing's key, by path."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Callable, known: dict[str, torch.Tensor | str]) -> None:
+    def __init__(self, paths: Sequence[str], preprocess: Callable,
+                 known: dict[str, torch.Tensor | str] | None = None) -> None:
         self.paths = list(paths)
         self.preprocess = preprocess
-        self.known = known
+        self.known = {} if known is None else known
 
     def __len__(self) -> int:
         return len(self.paths)
