@@ -33,7 +33,7 @@ from ..config import Config, ConfigError, DataConfig, FreezeLayers, save_config
 from ..data.sampler import derive_seed
 from ..model.factory import create_tokenizer
 from ..model.smke import no_weight_decay_names, param_groups
-from ..model.towers import (block_output, hf_layer_list, freeze_tower, frozen_modules, hf_split_error,
+from ..model.towers import (block_output, freeze_tower, frozen_modules, hf_layer_list, hf_split_error,
                             truncate_hf_layers)
 from .callbacks import BadSamples
 from .datamodule import RetrievalDataModule
