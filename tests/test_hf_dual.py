@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from unialign.config import ConfigError, parse_config
 from unialign.data.synthetic import make_synthetic_karpathy
 from unialign.data.transforms import build_image_transform
 from unialign.training.hf_dual import build_hf_dual_encoder, train_hf_dual_encoder
+from unialign.training.prefix_cache import shared_prefix_caches
+from unialign.training.trainer import train
 
 IMAGE_WIDTH = 48  # differs from the text tower's 64: the projections meet at the image tower's width
 
@@ -172,6 +175,30 @@ def test_cached_frozen_prefix_trains_the_same_model(trained, world, dinov2_dir, 
     assert saved.keys() == reference.keys()  # saved whole: embeddings and all 3 kept blocks
     for name, value in reference.items():
         assert torch.allclose(saved[name], value, atol=1e-5), name
+
+
+def test_reads_the_frozen_prefix_an_s_smke_run_computed(trained, world, dinov2_dir, text_model_dir,
+                                                       teacher_checkpoint, tmp_path, monkeypatch):
+    """Within shared_prefix_caches, after an S-SMKE run on the same image tower, data and frozen block,
+    the dual encoder embeds no image and takes the steps it takes alone."""
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
+
+    embedded = []
+    forward = Dinov2Embeddings.forward
+    monkeypatch.setattr(Dinov2Embeddings, "forward",
+                        lambda self, pixels, *a, **k: embedded.append(len(pixels)) or forward(self, pixels, *a, **k))
+    _, _, losses = trained
+    raw = _raw(world, dinov2_dir, text_model_dir, teacher_checkpoint)
+    raw["train"]["cache_frozen_image"] = True
+    hf_losses = _Losses()
+    smke = copy.deepcopy(raw)
+    smke["teacher"]["enabled"], smke["loss"]["kd"] = False, "none"  # the tiny timm teacher takes 32 px only
+    with shared_prefix_caches():
+        train(parse_config(smke), tmp_path / "smke")
+        assert sum(embedded) == 16
+        train_hf_dual_encoder(parse_config(raw), tmp_path / "hf", callbacks=[hf_losses])
+    assert sum(embedded) == 16
+    assert np.allclose(hf_losses.losses, losses, atol=1e-5), (hf_losses.losses, losses)
 
 
 def test_text_prefix_cache_is_refused(world, dinov2_dir, text_model_dir, teacher_checkpoint, tmp_path):

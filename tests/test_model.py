@@ -12,7 +12,7 @@ from transformers import AutoModel, Dinov2Config, Dinov2Model, ViTConfig, ViTMod
 
 from conftest import TINY_VIT
 from unialign.config import TeacherConfig
-from unialign.model.smke import LOGIT_SCALE_MAX, SMKE
+from unialign.model.smke import LOGIT_SCALE_MAX, SMKE, SharedBlock
 from unialign.model.teacher import Teacher
 from unialign.model.towers import TextTower, build_image_tower
 
@@ -106,6 +106,39 @@ def test_outputs_are_normalised_and_interm_is_first_mlp_layer_cls(text_model_dir
         mlp = blk.mlp.fc2(F.gelu(fc1))
         cls = (h + blk.ls2.gamma * mlp)[:, 0]
         assert torch.allclose(out.embedding, F.normalize(cls, dim=-1), atol=1e-5)
+
+
+def test_cls_only_block_matches_the_full_block_values_and_gradients():
+    """What the losses read (the CLS output and x_interm) and every gradient, with padding masked."""
+    torch.manual_seed(0)
+    block = SharedBlock(64, 4, 4.0, 0.2).train()
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., 4:] = False
+    weights = torch.randn(64)
+    outs, grads = [], []
+    for cls_only in (False, True):
+        out, interm = block(x, mask, cls_only=cls_only)
+        outs.append((out[:, 0], interm))
+        loss = (out[:, 0] * weights).sum().sin() + interm.square().sum()
+        grads.append(torch.autograd.grad(loss, [x, *block.parameters()]))
+    assert out.shape == (3, 1, 64)
+    for a, b in zip(outs[0], outs[1]):
+        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(grads[0], grads[1]):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert grads[1][0][:, 1:].abs().sum() > 0  # the other positions still feed the CLS (keys and values)
+
+
+def test_only_a_model_with_an_itm_head_keeps_the_whole_output_sequence(text_model_dir):
+    pixels = torch.randn(2, 3, 32, 32)
+    plain = _model(text_model_dir).eval()
+    with_itm = _model(text_model_dir, itm=True).eval()
+    assert not with_itm.load_state_dict(plain.state_dict(), strict=False).unexpected_keys
+    with torch.no_grad():
+        a, b = plain.image_embeddings(pixels), with_itm.image_embeddings(pixels)
+    assert a.tokens is None and b.tokens.shape == (2, 17, 64)  # CLS + 4 x 4 patches
+    assert torch.allclose(a.embedding, b.embedding, atol=1e-5)
 
 
 def test_text_padding_is_masked(text_model_dir):

@@ -13,7 +13,7 @@ from transformers import Dinov2Config
 from conftest import TINY_VIT, eval_view_config
 from unialign.config import parse_config
 from unialign.model.towers import ImageTower, TextTower, build_image_tower
-from unialign.training.prefix_cache import FrozenPrefixCache
+from unialign.training.prefix_cache import FrozenPrefixCache, shared_prefix_caches
 from unialign.training.trainer import CHECKPOINT_DIR, FINAL, train
 
 
@@ -145,6 +145,45 @@ def test_a_run_with_the_caches_equals_the_run_without(small_world: Path, text_mo
     assert finals[True][0] == pytest.approx(finals[False][0], rel=1e-4)
     for name, value in finals[False][1].items():
         torch.testing.assert_close(finals[True][1][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_runs_with_the_same_frozen_prefix_share_its_cache(small_world: Path, text_model_dir: Path,
+                                                        teacher_checkpoint: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within shared_prefix_caches, a run without KD after a run with it (same data, same frozen blocks)
+    computes no frozen block and ends as it ends alone; a run with another frozen prefix (one more
+    block frozen) or other data (the val split) fills its own cache; outside it nothing is shared."""
+    seen: list[int] = []
+    image_prefix = ImageTower.forward_prefix
+
+    def counting(self: ImageTower, pixels: torch.Tensor, n: int) -> torch.Tensor:
+        seen.append(pixels.shape[0])
+        return image_prefix(self, pixels, n)
+
+    monkeypatch.setattr(ImageTower, "forward_prefix", counting)
+
+    def run(name: str, kd: bool = True, freeze: int = 1, splits: tuple[str, ...] = ("train",)) -> dict:
+        raw = eval_view_config(small_world, text_model_dir, teacher_checkpoint, splits, epochs=2,
+                               cache_frozen_image=True)
+        raw["model"]["image"]["freeze_layers"] = freeze
+        if not kd:
+            raw["teacher"]["enabled"], raw["loss"]["kd"] = False, "none"
+        seen.clear()
+        train(parse_config(raw), tmp_path / name)
+        ckpt = torch.load(tmp_path / name / CHECKPOINT_DIR / FINAL, map_location="cpu", weights_only=True)
+        return {"filled": sum(seen), "state": ckpt["state_dict"]}
+
+    alone = run("no_kd_alone", kd=False)
+    assert alone["filled"] == 16 and run("kd_alone")["filled"] == 16
+    with shared_prefix_caches():
+        assert run("kd")["filled"] == 16
+        shared = run("no_kd", kd=False)
+        assert run("kd_freeze_2", freeze=2)["filled"] == 16
+        # the val images are numbered 0-7 as the first train images are: keyed by id alone, nothing is filled
+        assert run("kd_val", splits=("val",))["filled"] == 8
+    assert shared["filled"] == 0
+    for name, value in alone["state"].items():
+        torch.testing.assert_close(shared["state"][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_cached_images_are_decoded_once_and_equal_the_fresh_ones(small_world: Path, monkeypatch: pytest.MonkeyPatch

@@ -160,6 +160,7 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
     from ..evaluation.encode import PixelMemo
     from ..evaluation.models import load_eval_model
     from ..evaluation.run import evaluate_retrieval_model
+    from ..training.prefix_cache import shared_prefix_caches
     from ..training.trainer import CHECKPOINT_DIR, FINAL
 
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -171,7 +172,8 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
         if status.get(name) is not None:
             print(f"real asset {name!r} is missing; using a stand-in. Install it with: {status[name]}")
     times: dict[str, float] = {}
-    with quiet_libraries(), logging_redirect_tqdm(), \
+    # shared_prefix_caches: the rows on the same pretrained towers compute their frozen blocks once between them.
+    with quiet_libraries(), logging_redirect_tqdm(), shared_prefix_caches(), \
             tqdm(total=0, desc="preparing assets", unit="step", dynamic_ncols=True) as bar:
         t0 = time.perf_counter()
         scale = choose_scale(quick, status)

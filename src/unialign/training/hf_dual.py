@@ -38,7 +38,7 @@ from ..model.towers import (block_output, freeze_tower, frozen_modules, hf_layer
 from .callbacks import BadSamples
 from .datamodule import RetrievalDataModule
 from .module import DROPOUT_STREAM, adamw_warmup_cosine, fused_adamw
-from .prefix_cache import FrozenPrefixCache
+from .prefix_cache import frozen_prefix_cache, image_prefix_inputs
 from .trainer import build_trainer
 
 HF_FOLDER = "hf_dual_encoder"  # the saved model, inside the run's output directory
@@ -139,7 +139,10 @@ class HFDualTraining(L.LightningModule):
         self.model = model
         self.cfg = cfg
         self.prefix = prefix  # a submodule: it moves to the training device with the model
-        self.prefix_cache = None if prefix is None else FrozenPrefixCache(len(prefix.blocks))
+        # Keyed as S-SMKE runs key theirs (training.task): a unialign run over the same data and frozen
+        # image blocks fills the cache this one reads, within `shared_prefix_caches`.
+        self.prefix_cache = None if prefix is None else frozen_prefix_cache(
+            len(prefix.blocks), None, prefix.state_dict().values(), image_prefix_inputs(cfg))
         self._frozen = [*frozen_modules(model.vision_model), *frozen_modules(model.text_model),
                         *([] if prefix is None else [prefix])]
         self._no_decay = no_weight_decay_names(model, "model.")

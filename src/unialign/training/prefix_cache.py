@@ -15,13 +15,24 @@ which samples fill theirs), so a step makes no device sync. The store lives on t
 and holds entries x tokens x width values (float32 with ViT-S/14: ~26 KB an image at 56 px, ~400 KB
 at 224 px; a caption: max_length x width); it is not saved in checkpoints (a resumed run fills it
 again, with the same values).
+
+Several runs over the same data with the same frozen prefix (the demo's table: S-SMKE, no KD and the
+Hugging Face baseline share the pretrained image blocks) can share one cache, inside
+`shared_prefix_caches()`; outside it each run has its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+import hashlib
+import json
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 class FrozenPrefixCache:
@@ -59,6 +70,8 @@ class FrozenPrefixCache:
             self.store[rows[fill], : new.shape[1]] = new.to(self.store.dtype)
         if self.store is None:
             raise RuntimeError("the frozen-prefix cache is empty: a batch read rows no step has filled")
+        if self.store.device != rows.device:  # shared with a run on another device
+            self.store = self.store.to(rows.device)
         return self.store[rows] if length is None else self.store[rows, :length]
 
     def _grow(self, needed: int, like: torch.Tensor) -> None:
@@ -72,3 +85,42 @@ class FrozenPrefixCache:
         self.store = like.new_zeros((capacity, length, like.shape[2]))
         if old is not None:
             self.store[: old.shape[0]] = old
+
+
+_shared: dict[str, FrozenPrefixCache] | None = None  # inside `shared_prefix_caches`: digest -> cache
+
+
+@contextmanager
+def shared_prefix_caches() -> Iterator[None]:
+    """Runs started within share one cache per frozen prefix (`frozen_prefix_cache`), so that a
+    comparison of several models over the same data computes each frozen prefix once."""
+    global _shared
+    outer, _shared = _shared, {}
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
+def frozen_prefix_cache(n_blocks: int, length: int | None, tensors: Iterable[torch.Tensor],
+                        inputs: Any) -> FrozenPrefixCache:
+    """The cache of a run's frozen prefix: a new one, or within `shared_prefix_caches` the one of an
+    earlier run with the same prefix: the same `tensors` (the frozen weights and buffers, by value and
+    in order, whatever their names) and the same `inputs` (JSON: what decides the prefix's input for a
+    key, such as the data config and the precision)."""
+    if _shared is None:
+        return FrozenPrefixCache(n_blocks, length)
+    digest = hashlib.sha256()
+    shapes = []
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        shapes.append((str(t.dtype), list(t.shape)))
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    digest.update(json.dumps([n_blocks, length, shapes, inputs], sort_keys=True, default=str).encode())
+    return _shared.setdefault(digest.hexdigest(), FrozenPrefixCache(n_blocks, length))
+
+
+def image_prefix_inputs(cfg: Config) -> list[Any]:
+    """What maps an image id to a frozen image prefix's input and its dtype: the data config (its sources
+    number the images; its view makes the pixels) and the precision."""
+    return [cfg.data.model_dump(mode="json"), cfg.train.precision]
