@@ -171,3 +171,61 @@ def test_pixel_memo_decodes_each_file_once_per_preprocessing(tiny_checkpoint: Pa
     hf = load_eval_model(f"hf:{tiny_hf_clip(tmp_path / 'hf', text_model_dir)}", "cpu")
     hf.encode_images(files, batch_size=2, progress=False, memo=memo)
     assert len(decoded) == 4 and len(memo.entries) == 2
+def _checkpoint_variants(folder: Path, text_model_dir: Path, teacher_checkpoint: Path) -> dict[str, str]:
+    """Exported models on one tiny tower (2 image blocks): "a" and "b" freeze block 0 and differ above it;
+    "all" freezes both blocks, block 0 as theirs; "other" freezes block 0, whose weights differ."""
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_config_dict
+    from unialign.config import InferenceConfig, ModelConfig, Preprocess
+    from unialign.model.factory import create_student, export_checkpoint
+    from unialign.model.towers import layer_depth
+
+    raw = tiny_config_dict(text_model_dir, teacher_checkpoint, [])
+    torch.manual_seed(0)
+    base = None
+    paths = {}
+    for name, freeze, changed in (("a", 1, 2), ("b", 1, 2), ("all", "all", 2), ("other", 1, 1)):
+        spec = InferenceConfig(model=ModelConfig.model_validate(
+            {**raw["model"], "image": {**raw["model"]["image"], "freeze_layers": freeze}}),
+            preprocess=Preprocess(image_size=raw["data"]["image_size"]))
+        model = create_student(spec)
+        base = base or model.state_dict()
+        model.load_state_dict(base)
+        with torch.no_grad():
+            if name != "a":
+                for pname, param in model.image_tower.named_parameters():
+                    if layer_depth(pname, 2) == changed:
+                        param.add_(0.05 * torch.randn_like(param))
+        paths[name] = str(export_checkpoint(model, spec, AutoTokenizer.from_pretrained(text_model_dir),
+                                            folder / f"{name}.ckpt"))
+    return paths
+
+
+def test_frozen_image_blocks_are_computed_once_between_models(image_files: list[str], tmp_path: Path,
+                                                              text_model_dir: Path, teacher_checkpoint: Path,
+                                                              monkeypatch) -> None:
+    """With a shared memo, a model whose frozen blocks another model computed starts above them (from
+    the deepest stored: "all" reads block 0's output and runs block 1) and gets the embeddings it gets
+    alone; a model with other weights in its frozen block computes its own."""
+    from unialign.evaluation.encode import PixelMemo
+    from unialign.model.towers import ImageTower
+
+    calls: list[int] = []
+    forward_prefix = ImageTower.forward_prefix
+    monkeypatch.setattr(ImageTower, "forward_prefix", lambda self, pixels, n: calls.append(len(pixels)) or
+                        forward_prefix(self, pixels, n))
+    ckpts = _checkpoint_variants(tmp_path, text_model_dir, teacher_checkpoint)
+    alone = {k: load_eval_model(v, "cpu").encode_images(image_files, batch_size=2, progress=False)[0]
+             for k, v in ckpts.items()}
+    assert not calls  # without a memo the tower runs whole
+    memo = PixelMemo()
+    for name, computed in (("a", 3), ("b", 0), ("all", 0), ("other", 3)):
+        calls.clear()
+        shared = load_eval_model(ckpts[name], "cpu").encode_images(image_files, batch_size=2, progress=False,
+                                                                   memo=memo)[0]
+        assert sum(calls) == computed, name
+        torch.testing.assert_close(shared, alone[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert not torch.allclose(alone["a"], alone["b"])  # the models differ, not only their prefixes
+
+

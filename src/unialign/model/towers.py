@@ -58,6 +58,13 @@ def freeze_tower(tower: nn.Module, n_blocks: int, layers: int | Literal["all"]) 
             param.requires_grad_(False)
 
 
+def frozen_blocks(tower: nn.Module, n_blocks: int) -> int:
+    """How many of a tower's first blocks are frozen with its input side (what `freeze_tower` left
+    without gradient): 0 to n_blocks."""
+    trainable = [layer_depth(name, n_blocks) for name, p in tower.named_parameters() if p.requires_grad]
+    return max(0, min(n_blocks, min(trainable, default=n_blocks + 1) - 1))
+
+
 def frozen_modules(module: nn.Module) -> list[nn.Module]:
     """The outermost submodules whose parameters are all frozen: they run in eval mode, so a
     frozen layer is a fixed function (no dropout) and its outputs could be computed once."""
