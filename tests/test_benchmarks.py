@@ -164,3 +164,17 @@ def test_frozen_cache_benchmark_needs_real_towers_for_the_hf_row(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="needs the real image tower"):
         bench_module("frozen_cache.py").main(["--small", "--row", "hf_dual"])
+
+
+def test_shared_block_benchmark_compares_the_two_paths(tmp_path, monkeypatch):
+    """bench/shared_block.py at --small: both paths timed in one run, and they agree (output, input gradient)."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    out = tmp_path / "out.json"
+    result = bench_module("shared_block.py").main(["--small", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["device"] and result["baseline"]
+    (row,) = result["shapes"].values()
+    assert row["full_ms"] > 0 and row["cls_only_ms"] > 0 and row["speedup"] > 0
+    assert row["max_abs_diff_output"] < 1e-5 and row["max_abs_diff_input_grad"] < 1e-5
