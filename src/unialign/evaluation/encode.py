@@ -62,6 +62,7 @@ class _ImagePrefix:
         self.digests = []
         for depth in range(self.frozen + 1):
             for t in by_depth.get(depth, []):
+                digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
                 digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             self.digests.append(digest.copy().hexdigest())
 
