@@ -65,6 +65,7 @@ from unialign.report import (
     markdown_table,
     plot_recalls,
 )
+from unialign.training.prefix_cache import shared_prefix_caches
 
 REPO = Path(__file__).resolve().parents[1]
 # Tux Paint's pairs by the splits trained on (docs/ASSETS.md); the generated world fills up to the budget
@@ -460,7 +461,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
     print(f"{len(todo)} run(s) to do ({len(seeds)} seed(s), {steps} steps at batch {scale.batch_size}, "
           f"{scale.image_size} px); results in {results_file}")
     here = describe_machine(machine_info(), load=False)  # recorded with each run trained here
-    with tqdm(total=total, unit="step", dynamic_ncols=True, disable=not todo) as bar:
+    # Runs with the same frozen blocks (every pretrained one) compute their output once between them:
+    # the same models, less time (recorded train_s is each run's own, so the first run's is the longest).
+    with tqdm(total=total, unit="step", dynamic_ncols=True, disable=not todo) as bar, shared_prefix_caches():
         for group, variant, seed, run_id, raw in todo:
             bar.set_description(f"{group.name}: {variant.label} seed {seed}")
             out = run_one(raw, args.output / scale_key / run_id, assets, bar, variant.label, variant.rerank)
