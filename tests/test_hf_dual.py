@@ -152,15 +152,21 @@ def test_needs_hf_image_backend(world, dinov2_dir, text_model_dir, teacher_check
         build_hf_dual_encoder(parse_config(raw))
 
 
-def test_cached_frozen_prefix_trains_the_same_model(trained, world, dinov2_dir, text_model_dir, teacher_checkpoint,
-                                                    tmp_path, monkeypatch):
-    from transformers import VisionTextDualEncoderModel
+@pytest.fixture
+def embedded(monkeypatch) -> list[int]:
+    """The batch sizes the vision model's embeddings (the first frozen part) are run on."""
     from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
 
-    embedded = []
+    sizes: list[int] = []
     forward = Dinov2Embeddings.forward
     monkeypatch.setattr(Dinov2Embeddings, "forward",
-                        lambda self, pixels, *a, **k: embedded.append(len(pixels)) or forward(self, pixels, *a, **k))
+                        lambda self, pixels, *a, **k: sizes.append(len(pixels)) or forward(self, pixels, *a, **k))
+    return sizes
+
+
+def test_cached_frozen_prefix_trains_the_same_model(trained, world, dinov2_dir, text_model_dir, teacher_checkpoint,
+                                                    tmp_path, embedded):
+    from transformers import VisionTextDualEncoderModel
     cfg, summary, losses = trained
     raw = _raw(world, dinov2_dir, text_model_dir, teacher_checkpoint)
     raw["train"]["cache_frozen_image"] = True
@@ -178,15 +184,9 @@ def test_cached_frozen_prefix_trains_the_same_model(trained, world, dinov2_dir, 
 
 
 def test_reads_the_frozen_prefix_an_s_smke_run_computed(trained, world, dinov2_dir, text_model_dir,
-                                                       teacher_checkpoint, tmp_path, monkeypatch):
+                                                       teacher_checkpoint, tmp_path, embedded):
     """Within shared_prefix_caches, after an S-SMKE run on the same image tower, data and frozen block,
     the dual encoder embeds no image and takes the steps it takes alone."""
-    from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
-
-    embedded = []
-    forward = Dinov2Embeddings.forward
-    monkeypatch.setattr(Dinov2Embeddings, "forward",
-                        lambda self, pixels, *a, **k: embedded.append(len(pixels)) or forward(self, pixels, *a, **k))
     _, _, losses = trained
     raw = _raw(world, dinov2_dir, text_model_dir, teacher_checkpoint)
     raw["train"]["cache_frozen_image"] = True
