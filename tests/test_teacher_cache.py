@@ -243,3 +243,40 @@ def test_cli_register(small_world, text_model_dir, teacher_checkpoint, tmp_path,
     args.func(args)
     assert "16 images x 64 (float16)" in capsys.readouterr().out
     assert (tmp_path / "c" / "meta.json").is_file()
+
+
+def test_the_teacher_pass_fills_the_students_shared_frozen_prefix(small_world, text_model_dir, teacher_checkpoint,
+                                                                  tmp_path, monkeypatch):
+    """The student's frozen block is the teacher's first (same checkpoint) and sees the same pixels: within
+    shared_prefix_caches the teacher's pass computes that block's output once for both, and the cache and
+    the trained model are those of the run without sharing."""
+    from unialign.model.towers import ImageTower
+    from unialign.training.prefix_cache import shared_prefix_caches
+    from unialign.training.trainer import CHECKPOINT_DIR, FINAL
+
+    calls: list[int] = []
+    forward_prefix = ImageTower.forward_prefix
+    monkeypatch.setattr(ImageTower, "forward_prefix", lambda self, pixels, n: calls.append(len(pixels)) or
+                        forward_prefix(self, pixels, n))
+    raw = eval_view_config(small_world, text_model_dir, teacher_checkpoint, epochs=2, cache_frozen_image=True)
+    raw["model"]["image"].update(checkpoint=str(teacher_checkpoint), freeze_layers=1)
+
+    def run(name: str) -> tuple[list[int], np.ndarray, dict]:
+        counts = []
+        calls.clear()
+        cache = build_teacher_cache(parse_config(raw), tmp_path / f"cache_{name}", batch_size=8, progress=False)
+        counts.append(sum(calls))
+        calls.clear()
+        train(parse_config(with_teacher_cache(raw, cache)), tmp_path / name)
+        counts.append(sum(calls))
+        state = torch.load(tmp_path / name / CHECKPOINT_DIR / FINAL, map_location="cpu", weights_only=True)
+        ids = sorted({r.image_id for r in _records(small_world)})
+        return counts, np.asarray(TeacherCache.open(cache).lookup(ids)), state["state_dict"]
+
+    alone = run("alone")
+    with shared_prefix_caches():
+        shared = run("shared")
+    assert alone[0] == [0, 16] and shared[0] == [16, 0]  # (teacher pass, student's training)
+    np.testing.assert_allclose(shared[1], alone[1], rtol=1e-5, atol=1e-6)
+    for name, value in alone[2].items():
+        torch.testing.assert_close(shared[2][name], value, rtol=1e-4, atol=1e-5, msg=name)

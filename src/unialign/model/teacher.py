@@ -220,3 +220,8 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.backbone(pixels)[:, 0].float(), dim=-1)
+
+    @torch.no_grad()
+    def forward_from(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
+        """`forward` from the backbone's tokens after its first `n` blocks (`forward_prefix`)."""
+        return F.normalize(self.backbone.forward_suffix(tokens, n)[:, 0].float(), dim=-1)

@@ -27,7 +27,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config, WebDatasetSource
 from ..files import atomic_path, write_json_atomic, write_text_atomic
-from .teacher_cache import BAD, FORMAT, IDS, META, PARTS, TARGETS, VERSION, TeacherCacheError, cache_identity, identity_mismatches
+from ..model.towers import layer_depth
+from .prefix_cache import FrozenPrefixCache, image_prefix_inputs, shared_prefix_cache
+from .teacher_cache import (BAD, FORMAT, IDS, META, PARTS, TARGETS, VERSION, TeacherCacheError, cache_identity,
+                            identity_mismatches, teacher_view_stats)
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +159,27 @@ _DTYPES = {"float16": np.float16, "float32": np.float32}
 _AUTOCAST = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
+_TRAIN_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}  # the same autocast
+
+
+def _student_prefix(cfg: Config, teacher: Any, precision: str) -> FrozenPrefixCache | None:
+    """Within `shared_prefix_caches`, the cache of the student's frozen image blocks
+    (train.cache_frozen_image), when the teacher's first blocks are those (same weights) and it sees
+    the student's pixels at the student's precision: the teacher's pass fills it on the way, so the
+    student's first epoch computes nothing there. None otherwise."""
+    d, image = cfg.data, cfg.model.image
+    kept = image.layers if isinstance(image.layers, int) else len(image.layers)
+    n = kept if image.freeze_layers == "all" else min(image.freeze_layers, kept)
+    backbone = teacher.backbone
+    mean, std = teacher_view_stats(cfg)
+    same_view = cfg.teacher_image_size == d.image_size and (tuple(mean), tuple(std)) == (d.mean, d.std)
+    if not (cfg.train.cache_frozen_image and same_view and 0 < n <= backbone.num_blocks
+            and _TRAIN_PRECISION[precision] == cfg.train.precision and not backbone.split_error()):
+        return None
+    weights = [t for name, t in backbone.state_dict().items() if layer_depth(name, backbone.num_blocks) <= n]
+    return shared_prefix_cache(n, None, weights, image_prefix_inputs(cfg))
+
+
 def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 256, num_workers: int | None = None,
                         device: str | None = None, dtype: str = "float16", precision: str | None = None,
                         chunk_size: int = 4096, overwrite: bool = False, progress: bool = True,
@@ -217,6 +241,7 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
 
     if todo:
         teacher = Teacher(cfg.teacher).to(device)
+        prefix = _student_prefix(cfg, teacher, precision)
         d = cfg.data
         mean, std = identity["view mean"], identity["view std"]
         # uint8 out of the workers, normalised on the device (bit-identical to the online view)
@@ -245,7 +270,14 @@ def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 25
             if batch["size"]:
                 ctx = torch.autocast(torch.device(device).type, dtype=autocast) if autocast else nullcontext()
                 with ctx:
-                    targets = teacher(normalizer(batch["image"]))
+                    pixels = normalizer(batch["image"])
+                    if prefix is None:
+                        targets = teacher(pixels)
+                    else:
+                        rows, fill = (t.to(device) for t in prefix.plan(batch["ids"].tolist()))
+                        tokens = prefix.read(lambda i: teacher.backbone.forward_prefix(pixels[i], prefix.n_blocks),
+                                             rows, fill)
+                        targets = teacher.forward_from(tokens, prefix.n_blocks)
                 state["targets"].append(targets.float().cpu().numpy().astype(_DTYPES[dtype]))
                 state["ids"].append(batch["ids"].numpy())
             state["bad"] += batch["skipped"]

@@ -105,11 +105,18 @@ def shared_prefix_caches() -> Iterator[None]:
 def frozen_prefix_cache(n_blocks: int, length: int | None, tensors: Iterable[torch.Tensor],
                         inputs: Any) -> FrozenPrefixCache:
     """The cache of a run's frozen prefix: a new one, or within `shared_prefix_caches` the one of an
-    earlier run with the same prefix: the same `tensors` (the frozen weights and buffers, by value and
-    in order, whatever their names) and the same `inputs` (JSON: what decides the prefix's input for a
-    key, such as the data config and the precision)."""
+    earlier run with the same prefix (`shared_prefix_cache`)."""
+    return shared_prefix_cache(n_blocks, length, tensors, inputs) or FrozenPrefixCache(n_blocks, length)
+
+
+def shared_prefix_cache(n_blocks: int, length: int | None, tensors: Iterable[torch.Tensor],
+                        inputs: Any) -> FrozenPrefixCache | None:
+    """Within `shared_prefix_caches`, the cache of every run with this prefix: the same `tensors` (the
+    frozen weights and buffers, by value and in order, whatever their names) and the same `inputs`
+    (JSON: what decides the prefix's input for a key, such as the data config and the precision).
+    None outside it."""
     if _shared is None:
-        return FrozenPrefixCache(n_blocks, length)
+        return None
     digest = hashlib.sha256()
     shapes = []
     for t in tensors:
