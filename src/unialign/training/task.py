@@ -20,8 +20,8 @@ from ..losses.itm import itm_loss
 from ..losses.momentum import MomentumContrastiveLoss, ema_update_
 from ..model.factory import create_student, read_checkpoint, student_state_dict
 from ..model.smke import SMKE, Embeddings, no_weight_decay_names
-from ..model.towers import layer_depth
 from ..model.teacher import Teacher
+from ..model.towers import layer_depth
 from .prefix_cache import FrozenPrefixCache, frozen_prefix_cache, image_prefix_inputs
 
 log = logging.getLogger(__name__)
