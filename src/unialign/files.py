@@ -158,6 +158,15 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def hash_tensor(digest: Any, tensor: Any) -> None:
+    """Feed a tensor's dtype, shape and values (not its name, device or strides) to a hashlib digest."""
+    import torch
+
+    t = tensor.detach().cpu().contiguous()
+    digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
 def torch_save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` through a Python file object, not a path: torch's own C++ writer reports a
     full disk as "unexpected pos 704 vs 598", this way the OSError (ENOSPC) comes through and

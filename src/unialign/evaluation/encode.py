@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.images import load_image
+from ..files import hash_tensor
 from ..model.factory import TextTokenizer
 from ..model.smke import SMKE
 from ..model.towers import frozen_blocks, layer_depth
@@ -62,8 +63,7 @@ class _ImagePrefix:
         self.digests = []
         for depth in range(self.frozen + 1):
             for t in by_depth.get(depth, []):
-                digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-                digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                hash_tensor(digest, t)
             self.digests.append(digest.copy().hexdigest())
 
     def encode(self, pixels: torch.Tensor, paths: list[str]) -> torch.Tensor:

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..files import hash_tensor
+
 if TYPE_CHECKING:
     from ..config import Config
 
@@ -117,13 +119,9 @@ def shared_prefix_cache(n_blocks: int, length: int | None, tensors: Iterable[tor
     None outside it."""
     if _shared is None:
         return None
-    digest = hashlib.sha256()
-    shapes = []
+    digest = hashlib.sha256(json.dumps([n_blocks, length, inputs], sort_keys=True, default=str).encode())
     for t in tensors:
-        t = t.detach().cpu().contiguous()
-        shapes.append((str(t.dtype), list(t.shape)))
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    digest.update(json.dumps([n_blocks, length, shapes, inputs], sort_keys=True, default=str).encode())
+        hash_tensor(digest, t)
     return _shared.setdefault(digest.hexdigest(), FrozenPrefixCache(n_blocks, length))
 
 
