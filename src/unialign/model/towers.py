@@ -58,6 +58,16 @@ def freeze_tower(tower: nn.Module, n_blocks: int, layers: int | Literal["all"]) 
             param.requires_grad_(False)
 
 
+def frozen_count(layers: int | Literal["all"], n_blocks: int) -> int:
+    """How many of `n_blocks` kept blocks `freeze_layers: layers` freezes (with the input side)."""
+    return n_blocks if layers == "all" else min(layers, n_blocks)
+
+
+def prefix_tensors(tower: nn.Module, n_blocks: int, n: int) -> list[torch.Tensor]:
+    """The weights and buffers of a tower's input side and first `n` blocks, in state-dict order."""
+    return [t for name, t in tower.state_dict().items() if layer_depth(name, n_blocks) <= n]
+
+
 def frozen_blocks(tower: nn.Module, n_blocks: int) -> int:
     """How many of a tower's first blocks are frozen with its input side (what `freeze_tower` left
     without gradient): 0 to n_blocks."""

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config, WebDatasetSource
 from ..files import atomic_path, write_json_atomic, write_text_atomic
-from ..model.towers import layer_depth
+from ..model.towers import frozen_count, prefix_tensors
 from .prefix_cache import FrozenPrefixCache, image_prefix_inputs, shared_prefix_cache
 from .teacher_cache import (BAD, FORMAT, IDS, META, PARTS, TARGETS, VERSION, TeacherCacheError, cache_identity,
                             identity_mismatches, teacher_view_stats)
@@ -169,15 +169,14 @@ def _student_prefix(cfg: Config, teacher: Any, precision: str) -> FrozenPrefixCa
     student's first epoch computes nothing there. None otherwise."""
     d, image = cfg.data, cfg.model.image
     kept = image.layers if isinstance(image.layers, int) else len(image.layers)
-    n = kept if image.freeze_layers == "all" else min(image.freeze_layers, kept)
+    n = frozen_count(image.freeze_layers, kept)
     backbone = teacher.backbone
     mean, std = teacher_view_stats(cfg)
     same_view = cfg.teacher_image_size == d.image_size and (tuple(mean), tuple(std)) == (d.mean, d.std)
     if not (cfg.train.cache_frozen_image and same_view and 0 < n <= backbone.num_blocks
             and _TRAIN_PRECISION[precision] == cfg.train.precision and not backbone.split_error()):
         return None
-    weights = [t for name, t in backbone.state_dict().items() if layer_depth(name, backbone.num_blocks) <= n]
-    return shared_prefix_cache(n, None, weights, image_prefix_inputs(cfg))
+    return shared_prefix_cache(n, None, prefix_tensors(backbone, backbone.num_blocks, n), image_prefix_inputs(cfg))
 
 
 def build_teacher_cache(cfg: Config, output: str | Path, *, batch_size: int = 256, num_workers: int | None = None,

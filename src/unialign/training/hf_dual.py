@@ -33,7 +33,7 @@ from ..config import Config, ConfigError, DataConfig, FreezeLayers, save_config
 from ..data.sampler import derive_seed
 from ..model.factory import create_tokenizer
 from ..model.smke import no_weight_decay_names, param_groups
-from ..model.towers import (block_output, freeze_tower, frozen_modules, hf_layer_list, hf_split_error,
+from ..model.towers import (block_output, freeze_tower, frozen_count, frozen_modules, hf_layer_list, hf_split_error,
                             truncate_hf_layers)
 from .callbacks import BadSamples
 from .datamodule import RetrievalDataModule
@@ -215,8 +215,7 @@ def train_hf_dual_encoder(cfg: Config, output_dir: str | Path,
     model = build_hf_dual_encoder(cfg)
     datamodule = RetrievalDataModule(cfg.data, tokenizer, cfg.model.text.max_length, cfg.train.batch_size, cfg.seed)
     trainer = build_trainer(cfg, output, list(callbacks))
-    blocks, frozen = model.vision_model.config.num_hidden_layers, cfg.model.image.freeze_layers
-    n = blocks if frozen == "all" else min(frozen, blocks)
+    n = frozen_count(cfg.model.image.freeze_layers, model.vision_model.config.num_hidden_layers)
     start = time.perf_counter()
     with warnings.catch_warnings(), \
             (prefix_set_aside(model.vision_model, n) if cfg.train.cache_frozen_image else nullcontext()) as prefix:

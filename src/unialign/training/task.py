@@ -21,7 +21,7 @@ from ..losses.momentum import MomentumContrastiveLoss, ema_update_
 from ..model.factory import create_student, read_checkpoint, student_state_dict
 from ..model.smke import SMKE, Embeddings, no_weight_decay_names
 from ..model.teacher import Teacher
-from ..model.towers import layer_depth
+from ..model.towers import frozen_count, prefix_tensors
 from .prefix_cache import FrozenPrefixCache, frozen_prefix_cache, image_prefix_inputs
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,8 @@ class DistillTask(nn.Module):
             if on:
                 if why := tower.split_error():
                     raise ValueError(f"train.cache_frozen_{attr}: {why}")
-                n = tower.num_blocks if frozen == "all" else min(frozen, tower.num_blocks)
-                weights = [t for name, t in tower.state_dict().items() if layer_depth(name, tower.num_blocks) <= n]
+                n = frozen_count(frozen, tower.num_blocks)
+                weights = prefix_tensors(tower, tower.num_blocks, n)
                 # A caption's tokens are its key: only the dtype is left to decide.
                 inputs = image_prefix_inputs(cfg) if attr == "image" else [cfg.train.precision]
                 setattr(task, f"{attr}_prefix", frozen_prefix_cache(n, length, weights, inputs))
