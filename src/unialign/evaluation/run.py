@@ -117,11 +117,13 @@ def evaluate_retrieval(checkpoint: str | Path, karpathy: str | Path, images: str
                        batch_size: int = 64, num_workers: int = 0, device: str | None = None,
                        progress: bool = True,
                        max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION, rerank: int = 0) -> dict[str, Any]:
-    """Recall@K both ways; unreadable images are dropped with their captions and counted (more
-    than `max_missing_fraction` of them is an error). `rerank` K > 0: also the ITM re-ranking."""
-    from .models import UnialignEvalModel
+    """Recall@K both ways of `checkpoint`, a unialign checkpoint or any model spec
+    (`evaluation.models.load_eval_model`: ``hf:FOLDER``, ``openclip:ARCH``); unreadable images are
+    dropped with their captions and counted (more than `max_missing_fraction` of them is an error).
+    `rerank` K > 0: also the ITM re-ranking."""
+    from .models import load_eval_model
 
-    model = UnialignEvalModel(checkpoint, torch.device(device or default_device()))
+    model = load_eval_model(checkpoint, device)
     data = read_karpathy_eval(karpathy, images, split)
     result = evaluate_retrieval_set(model, data, retrieval_dataset_name(karpathy), f"split {split!r} of {karpathy}",
                                     batch_size, num_workers, progress, max_missing_fraction, rerank)
