@@ -166,4 +166,9 @@ def test_reproduce_demo_scale_is_the_demos_recipe(tmp_path: Path, cache: Path) -
                     "--report", str(out / "REPRODUCTION.md")])
     setup = (out / "REPRODUCTION.md").read_text()
     assert "112 px images" in setup and "95 steps" in setup and "627 real + 0 generated pairs" in setup
+    # --image-size: the same recipe at another size (the GPU machine's 224 px)
+    reproduce.main(["--scale", "demo", "--image-size", "224", "--only", "kd", "--report-only", "--output", str(out),
+                    "--cache", str(cache), "--report", str(out / "REPRODUCTION.md")])
+    setup = (out / "REPRODUCTION.md").read_text()
+    assert "224 px images" in setup and "95 steps" in setup and "627 real + 0 generated pairs" in setup
     assert not list(cache.glob(f"{plan.WORLD_PREFIX}*-112px"))  # no generated world made for it
