@@ -56,7 +56,7 @@ from unialign.demo.plan import (
     steps_per_run,
     with_teacher_cache,
 )
-from unialign.demo.run import StepProgress, quiet_libraries
+from unialign.demo.run import StepProgress, model_spec, quiet_libraries
 from unialign.files import write_json_atomic, write_text_atomic
 from unialign.machine import machine_info
 from unialign.report import (
@@ -243,7 +243,7 @@ def run_one(raw: dict[str, Any], run_dir: Path, assets: DemoAssets, bar: tqdm, v
     from unialign.config import parse_config
     from unialign.evaluation.run import evaluate_retrieval
     from unialign.training.hf_dual import HF_FOLDER, train_hf_dual_encoder
-    from unialign.training.trainer import CHECKPOINT_DIR, FINAL, train
+    from unialign.training.trainer import CHECKPOINT_DIR, train
 
     if run_dir.exists():  # an unfinished run from an interrupted invocation
         shutil.rmtree(run_dir)
@@ -253,8 +253,8 @@ def run_one(raw: dict[str, Any], run_dir: Path, assets: DemoAssets, bar: tqdm, v
     summary = (train_hf_dual_encoder if variant.hf_dual else train)(cfg, run_dir,
                                                                      callbacks=[StepProgress(bar, variant.label)])
     train_s = time.perf_counter() - t0
-    model = f"hf:{run_dir / HF_FOLDER}" if variant.hf_dual else run_dir / CHECKPOINT_DIR / FINAL
-    result = evaluate_retrieval(model, assets.eval_json, assets.eval_images, "test", progress=False, rerank=rerank)
+    result = evaluate_retrieval(model_spec(run_dir, variant.hf_dual), assets.eval_json, assets.eval_images, "test",
+                                progress=False, rerank=rerank)
     shutil.rmtree(run_dir / (HF_FOLDER if variant.hf_dual else CHECKPOINT_DIR))  # ~100-300 MB; the numbers stay
     scored = result["reranked"] if rerank else result
     timing = ({"rerank_s": round(result["rerank_seconds"], 2),

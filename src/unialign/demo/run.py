@@ -35,7 +35,6 @@ from ..report import (
 )
 from .plan import (
     USED_ASSETS,
-    Row,
     choose_scale,
     default_cache_dir,
     demo_config,
@@ -115,12 +114,13 @@ def train_hf_or_reuse(cfg: Config, run_dir: Path, callbacks: list[L.Callback]) -
     return summary, False
 
 
-def model_spec(row: Row, run_dir: Path) -> str:
-    """What `load_eval_model` evaluates for a row: the transformers folder or the final checkpoint."""
+def model_spec(run_dir: Path, hf_dual: bool) -> str:
+    """What `load_eval_model` evaluates for a finished run: the Hugging Face baseline's transformers
+    folder or the final checkpoint."""
     from ..training.hf_dual import HF_FOLDER
     from ..training.trainer import CHECKPOINT_DIR, FINAL
 
-    return f"hf:{run_dir / HF_FOLDER}" if row.hf_dual else str(run_dir / CHECKPOINT_DIR / FINAL)
+    return f"hf:{run_dir / HF_FOLDER}" if hf_dual else str(run_dir / CHECKPOINT_DIR / FINAL)
 
 
 @contextmanager
@@ -213,7 +213,7 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
             if reused and result_file.is_file():  # same config, so the same evaluation set
                 result = json.loads(result_file.read_text())
             else:
-                model = load_eval_model(model_spec(row, run_dir))
+                model = load_eval_model(model_spec(run_dir, row.hf_dual))
                 result = evaluate_retrieval_model(model, assets.eval_json, images=assets.eval_images, split="test",
                                                   progress=False, memo=memo)
                 write_json_atomic(result_file, result)
@@ -223,7 +223,7 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
                 if reused and extra_file.is_file():
                     extra = json.loads(extra_file.read_text())
                 else:
-                    model = model or load_eval_model(model_spec(row, run_dir))
+                    model = model or load_eval_model(model_spec(run_dir, row.hf_dual))
                     extra = evaluate_retrieval_model(model, karpathy, images=images, split="test", progress=False,
                                                      memo=memo)
                     write_json_atomic(extra_file, extra)
