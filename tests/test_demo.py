@@ -47,6 +47,10 @@ def _check_report(out: Path, report: dict, n_images: int, rows: tuple[plan.Row, 
         assert not (out / "runs" / row.key / "checkpoints" / "last.ckpt").exists()
     assert report["training"]["kd"]["steps"] == report["steps_per_run"] > 0
     assert report["search"] and all(len(ex["top"]) == 3 for ex in report["search"])
+    every = report["search_all"]  # all test captions searched, the examples among them
+    assert every["top_k"] == 3 and every["captions"] == report["eval"]["captions"]
+    assert sum(ex["correct_rank"] <= 3 for ex in report["search"]) <= every["found"] <= every["captions"]
+    assert f"Over all {every['captions']} test captions it is in the top 3 for {every['found']}" in markdown
     assert "![search examples](search_examples.png)" in markdown
     assert report["wall_time_s"]["total"] > 0
 

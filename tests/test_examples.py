@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from unialign.examples import MARK, THUMB, draw_search_examples, pick_queries
@@ -41,3 +42,35 @@ def test_picture_frames_the_correct_hit_and_shows_the_answer(tmp_path: Path) -> 
     assert sheet.getpixel((third + THUMB // 2, y + THUMB // 2)) == (200, 200, 200)  # unreadable: grey slot
     answer = third + THUMB + 2 * pad
     assert sheet.getpixel((answer + THUMB // 2, y + THUMB // 2)) == colours["b.png"]  # the answer comes last
+
+
+def test_every_caption_is_searched_and_counted_as_the_evaluation_counts_it(tmp_path: Path,
+                                                                         tiny_checkpoint: Path) -> None:
+    """The share of test captions whose image is in the top K equals the evaluation's text->image
+    recall@K on the same model and images; an unreadable image drops out with its captions."""
+    import json
+
+    from unialign.data import make_synthetic_karpathy
+    from unialign.evaluation.models import load_eval_model
+    from unialign.evaluation.run import evaluate_retrieval_model
+    from unialign.examples import search_examples
+
+    make_synthetic_karpathy(tmp_path, n_images=14, captions_per_image=2, image_size=32, seed=5,
+                            split_counts={"train": 2, "test": 12})
+    dataset = tmp_path / "dataset_synthetic.json"
+    test = [im for im in json.loads(dataset.read_text())["images"] if im["split"] == "test"]
+    (tmp_path / test[3]["filepath"] / test[3]["filename"]).write_bytes(b"not an image")
+    found = search_examples(tiny_checkpoint, dataset, tmp_path, n_queries=4, top_k=5)
+    metrics = evaluate_retrieval_model(load_eval_model(str(tiny_checkpoint), "cpu"), dataset, images=tmp_path,
+                                       split="test", progress=False, max_missing_fraction=0.5)
+    assert found["captions"] == metrics["n_captions"] == 22 and found["top_k"] == 5
+    assert 100 * found["found"] / found["captions"] == pytest.approx(metrics["img_r5"])
+    assert len(found["queries"]) == 4
+    for ex in found["queries"]:
+        hit = [t["correct"] for t in ex["top"]]
+        assert len(hit) == 5
+        if ex["correct_rank"] is None:  # the unreadable image's caption: its hits, but no rank
+            assert not any(hit)
+        else:
+            assert any(hit) == (ex["correct_rank"] <= 5)
+            assert not any(hit) or hit.index(True) + 1 == ex["correct_rank"]

@@ -28,11 +28,19 @@ def pick_queries(captions: list[str], n: int) -> list[int]:
 
 
 def search_examples(checkpoint: Path, karpathy: Path, images: Path, n_queries: int = 4,
-                    top_k: int = 3, memo: PixelMemo | None = None) -> list[dict[str, Any]]:
-    """Text-to-image search on a split's test images for `n_queries` of its captions (see pick_queries);
-    `memo`: preprocessed pixels of an evaluation of the same images (evaluation.encode.PixelMemo)."""
+                    top_k: int = 3, memo: PixelMemo | None = None) -> dict[str, Any]:
+    """Text-to-image search on a split's test images with every one of its captions: `n_queries` of them
+    (see pick_queries) as examples with their `top_k` hits, and for all of them how many find their image
+    in the top `top_k` (so a reader can tell how typical the examples are). `memo`: preprocessed pixels of
+    an evaluation of the same images (evaluation.encode.PixelMemo).
+
+    Returns ``{"queries": [...], "top_k": K, "captions": N, "found": F}``: N captions of readable images,
+    F of them with their image among the K best-scoring."""
+    import torch
+
     from .data.records import read_karpathy_eval
     from .evaluation.encode import encode_images, encode_texts
+    from .evaluation.retrieval import retrieval_ranks
     from .evaluation.run import default_device
     from .model.factory import load
 
@@ -40,24 +48,26 @@ def search_examples(checkpoint: Path, karpathy: Path, images: Path, n_queries: i
     model, preprocess, tokenizer = load(checkpoint, device=device)
     data = read_karpathy_eval(karpathy, images, "test")
     image_emb, kept, _ = encode_images(model, preprocess, data.images, device=device, progress=False, memo=memo)
-    picks = pick_queries(data.captions, n_queries)
-    text_emb = encode_texts(model, tokenizer, [data.captions[i] for i in picks], device=device, progress=False)
+    position = {image: j for j, image in enumerate(kept)}
+    text_emb = encode_texts(model, tokenizer, data.captions, device=device, progress=False)
+    scored = [i for i, image in enumerate(data.caption_to_image) if image in position]  # captions of readable images
+    _, ranks = retrieval_ranks(image_emb, text_emb[scored],
+                               torch.tensor([position[data.caption_to_image[i]] for i in scored]))
+    rank_of = {i: int(rank) for i, rank in zip(scored, ranks)}
     scores = text_emb @ image_emb.T
     root = Path(images)
     examples = []
-    for row, i in enumerate(picks):
-        top = scores[row].topk(min(top_k, len(kept))).indices.tolist()
+    for i in pick_queries(data.captions, n_queries):
         truth = data.images[data.caption_to_image[i]]
-        ranked = scores[row].argsort(descending=True).tolist()
-        truth_rank = next((r for r, j in enumerate(ranked) if data.images[kept[j]] == truth), None)
+        top = scores[i].topk(min(top_k, len(kept))).indices.tolist()
         examples.append({
             "query": data.captions[i],
             "correct": _relative(truth, root),
-            "correct_rank": None if truth_rank is None else truth_rank + 1,
-            "top": [{"file": _relative(data.images[kept[j]], root), "score": round(float(scores[row, j]), 4),
+            "correct_rank": rank_of[i] + 1 if i in rank_of else None,
+            "top": [{"file": _relative(data.images[kept[j]], root), "score": round(float(scores[i, j]), 4),
                      "correct": data.images[kept[j]] == truth} for j in top],
         })
-    return examples
+    return {"queries": examples, "top_k": top_k, "captions": len(scored), "found": int((ranks < top_k).sum())}
 
 
 def _relative(path: str, root: Path) -> str:

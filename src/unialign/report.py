@@ -227,8 +227,11 @@ def write_demo_report(output: Path, report: dict[str, Any]) -> dict[str, Path]:
               f"{report['scale']['image_size']} px images, precision {report['precision']}."), "",
               "## Text-to-image search (pretrained + KD model, top 3)", ""]
     found = sum(any(t["correct"] for t in ex["top"]) for ex in report["search"])
+    every = report["search_all"]
     lines += [f"Queries: the {len(report['search'])} test captions first in blake2b order of their text (a fixed "
-              f"rule, not a choice); the captioned image is in the top 3 for {found} of them.", ""]
+              f"rule, not a choice); the captioned image is in the top 3 for {found} of them. Over all "
+              f"{every['captions']} test captions it is in the top {every['top_k']} for {every['found']} "
+              f"({100 * every['found'] / max(every['captions'], 1):.1f}%).", ""]
     lines += [f"![search examples]({report['search_examples_png']})", ""]
     for ex in report["search"]:
         hits = ", ".join(f"{t['file']}{' (correct)' if t['correct'] else ''}" for t in ex["top"])

@@ -232,9 +232,9 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
             bar.update(1)
         bar.set_description("search examples")
         t0 = time.perf_counter()
-        examples = search_examples(output / "runs" / rows[0].key / CHECKPOINT_DIR / FINAL, assets.eval_json,
-                                   assets.eval_images, memo=memo)
-        examples_png = draw_search_examples(examples, assets.eval_images, output / "search_examples.png")
+        search = search_examples(output / "runs" / rows[0].key / CHECKPOINT_DIR / FINAL, assets.eval_json,
+                                 assets.eval_images, memo=memo)
+        examples_png = draw_search_examples(search["queries"], assets.eval_images, output / "search_examples.png")
         times["search"] = time.perf_counter() - t0
         bar.set_description("done")
     times["total"] = time.perf_counter() - start
@@ -262,7 +262,9 @@ def run_demo(output: Path, quick: bool = False, cache: Path | None = None) -> di
         "results_extra": extra_results,
         "training": training,
         "reused_runs": reused_runs,
-        "search": examples,
+        "search": search["queries"],
+        # every test caption searched: how many find their image in the top 3 (the examples are 4 of them)
+        "search_all": {k: search[k] for k in ("top_k", "captions", "found")},
         "search_examples_png": examples_png.name,
     }
     files = write_demo_report(output, report)
@@ -285,7 +287,9 @@ def _print_summary(report: dict[str, Any], files: dict[str, Path]) -> None:
     for ex in report["search"]:
         top = ", ".join(t["file"] + (" *" if t["correct"] else "") for t in ex["top"])
         print(f"  {ex['query']!r:45} -> {top}")
-    print("  (* = the captioned image)")
+    every = report["search_all"]
+    print(f"  (* = the captioned image; over all {every['captions']} test captions, {every['found']} find their "
+          f"image in the top {every['top_k']})")
     t = report["wall_time_s"]
     print(f"\nwall time {t['total']:.0f} s (CPU time {t['cpu_total']:.0f} s) on {describe_machine(report['machine'])}")
     print("report: " + ", ".join(str(p) for p in files.values()))
