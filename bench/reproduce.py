@@ -45,6 +45,7 @@ from unialign.demo.plan import (
     BUNDLED,
     FULL,
     FULL_STANDIN,
+    HF_DUAL,
     ROWS,
     DemoAssets,
     Scale,
@@ -154,7 +155,7 @@ def groups(scale: Scale, hf_dual: bool = True) -> dict[str, Group]:
               "(LiT-style) and transformers' dual encoder on the same towers (the paper reports neither row)",
               "S-SMKE",
               (Variant("S-SMKE", {}), Variant("frozen towers + linear heads", baseline),
-               *([Variant("Hugging Face dual encoder", {**no_kd, "train.cache_frozen_text": False}, hf_dual=True)]
+               *([Variant("Hugging Face dual encoder", {**no_kd, **HF_DUAL}, hf_dual=True)]
                  if hf_dual else [])),
               note="The linear baseline keeps the same towers and layers frozen, reads the image CLS after the last "
                    "kept block and the mean of the text tokens, and trains one linear layer per modality with ITC "

@@ -107,6 +107,11 @@ BASELINE = {"model.image.freeze_layers": "all", "model.text.freeze_layers": "all
             "model.shared.depth": 0, "model.head": "linear", "loss.itc_interm": False, "train.base_lr": 1e-2}
 
 
+# The Hugging Face row is the no-KD row's config with these changes: transformers' text model runs
+# whole (training.hf_dual caches the frozen prefix of its image side only).
+HF_DUAL = {"train.cache_frozen_text": False}
+
+
 def table_rows(assets: DemoAssets) -> tuple[Row, ...]:
     """The rows this run trains: the Hugging Face baseline needs the real (transformers) image tower."""
     return tuple(row for row in ROWS if not row.hf_dual or assets.image_dir is not None)
@@ -281,7 +286,7 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
 
 def demo_config(assets: DemoAssets, scale: Scale, row: Row) -> dict[str, Any]:
     """The run config of one table row: the towers' initialisation and the KD switch differ, and
-    the baseline row changes what BASELINE says."""
+    the baseline rows change what BASELINE and HF_DUAL say."""
     if assets.image_dir is not None:
         image: dict[str, Any] = {"backend": "hf", "name": str(assets.image_dir), "pretrained": row.pretrained}
         teacher: dict[str, Any] = {"backend": "hf", "name": str(assets.image_dir), "block": scale.teacher_block}
@@ -328,12 +333,11 @@ def demo_config(assets: DemoAssets, scale: Scale, row: Row) -> dict[str, Any]:
             # of the caption): computed in the first epoch, read in the other four (training/prefix_cache.py;
             # the Hugging Face baseline caches its image side only, training/hf_dual.py)
             "cache_frozen_image": row.baseline or scale.image_freeze > 0,
-            "cache_frozen_text": not row.hf_dual and (row.baseline or scale.text_freeze > 0),
+            "cache_frozen_text": row.baseline or scale.text_freeze > 0,
         },
     }
-    if row.baseline:
-        for key, value in BASELINE.items():
-            set_key(raw, key, value)
+    for key, value in {**(BASELINE if row.baseline else {}), **(HF_DUAL if row.hf_dual else {})}.items():
+        set_key(raw, key, value)
     return raw
 
 
