@@ -15,10 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def bench_module(script: str):
-    """A script of bench/ imported as a module (bench/ is not a package)."""
+    """A script of bench/ imported as a module (bench/ is not a package; on the path, as for a script run
+    from it, so that a script can import its sibling modules)."""
     import importlib.util
     import sys
 
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", REPO / "bench" / script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # so a worker pool can pickle its functions by name
