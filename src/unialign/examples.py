@@ -54,17 +54,18 @@ def search_examples(checkpoint: Path, karpathy: Path, images: Path, n_queries: i
     _, ranks = retrieval_ranks(image_emb, text_emb[scored],
                                torch.tensor([position[data.caption_to_image[i]] for i in scored]))
     rank_of = {i: int(rank) for i, rank in zip(scored, ranks)}
-    scores = text_emb @ image_emb.T
+    picks = pick_queries(data.captions, n_queries)
+    scores = text_emb[picks] @ image_emb.T  # the examples' rows only: retrieval_ranks scored the rest block-wise
     root = Path(images)
     examples = []
-    for i in pick_queries(data.captions, n_queries):
+    for row, i in enumerate(picks):
         truth = data.images[data.caption_to_image[i]]
-        top = scores[i].topk(min(top_k, len(kept))).indices.tolist()
+        top = scores[row].topk(min(top_k, len(kept))).indices.tolist()
         examples.append({
             "query": data.captions[i],
             "correct": _relative(truth, root),
             "correct_rank": rank_of[i] + 1 if i in rank_of else None,
-            "top": [{"file": _relative(data.images[kept[j]], root), "score": round(float(scores[i, j]), 4),
+            "top": [{"file": _relative(data.images[kept[j]], root), "score": round(float(scores[row, j]), 4),
                      "correct": data.images[kept[j]] == truth} for j in top],
         })
     return {"queries": examples, "top_k": top_k, "captions": len(scored), "found": int((ranks < top_k).sum())}
