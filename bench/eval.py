@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import TINY_BERT, unialign_config
+from step_models import TINY_BERT, unialign_config
 
 from unialign.files import write_json_atomic
 from unialign.machine import machine_info

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval import make_captions, make_images, make_tokenizer, sync  # bench/eval.py
-from train_step import count_flops, make_batch, unialign_config
+from step_models import count_flops, make_batch, unialign_config
 
 from unialign.files import write_json_atomic
 from unialign.machine import machine_info

@@ -33,7 +33,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import tokenizer, write_shards  # noqa: E402  (bench/data.py: the same shards and vocabulary)
-from train_step import unialign_config  # noqa: E402  (the paper's shapes with random weights)
+from step_models import unialign_config  # noqa: E402  (the paper's shapes with random weights)
 
 from unialign.files import write_json_atomic  # noqa: E402
 from unialign.machine import machine_info  # noqa: E402
