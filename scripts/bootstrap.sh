@@ -58,6 +58,9 @@ case "$profile" in
     # full dependency set (open_clip, pycocotools, ...) is not needed for that.
     install --no-deps "clip-benchmark==1.6.2"
     [ -x /usr/bin/chromium ] || apt_install chromium
+    # the emoji importer's real inputs (27 MB download): its test on them runs instead of skipping
+    [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] && [ -f /usr/share/unicode/cldr/common/annotations/en.xml ] \
+        || apt_install fonts-noto-color-emoji unicode-cldr-core
     ;;
   *) echo "unknown profile '$profile' (demo|test)" >&2; exit 2 ;;
 esac
