@@ -31,8 +31,8 @@ import yaml
 
 from unialign.assets import check_assets
 from unialign.config import parse_config
-from unialign.demo.plan import (FULL_STANDIN, ROWS, USED_ASSETS, choose_scale, default_cache_dir, demo_config,
-                                prepare_assets, set_key, with_teacher_cache)
+from unialign.demo.plan import (FULL_STANDIN, ROWS, USED_ASSETS, DemoAssets, Scale, choose_scale, default_cache_dir,
+                                demo_config, prepare_assets, set_key, with_teacher_cache)
 from unialign.demo.run import quiet_libraries, train_or_reuse
 from unialign.evaluation.models import load_eval_model
 from unialign.evaluation.run import evaluate_retrieval_model
@@ -52,6 +52,24 @@ def parse_changes(pairs: list[str]) -> dict[str, Any]:
             raise SystemExit(f"--set wants KEY=VALUE (a dotted config key), got {pair!r}")
         changes[key] = yaml.safe_load(value)
     return changes
+
+
+def demo_setup(small: bool, output: Path, cache: Path | None) -> tuple[DemoAssets, Scale, Path]:
+    """The demo's assets (real when installed; `small`: stand-in towers and generated data, a smoke run),
+    its scale and the asset cache, without the second held-out set."""
+    status = dict.fromkeys(USED_ASSETS, "stand-in") if small else check_assets()
+    scale = choose_scale(False, status)
+    if small:
+        scale = replace(FULL_STANDIN, epochs=3, world_images=40)  # 3 steps a fold at --folds 2
+    cache = output / "assets" if small else (cache or default_cache_dir())
+    return prepare_assets(cache, output, scale, status, clipart=False), scale, cache
+
+
+def train_on(raw: dict[str, Any], assets: DemoAssets, dataset: Path) -> None:
+    """Point the run config's training source of the held-out set at `dataset` (its "train" split), a
+    re-split copy of it; the other sources stay."""
+    raw["data"]["train"] = [{**s, "path": str(dataset), "splits": ["train"]}
+                            if Path(s["path"]) == assets.eval_json else s for s in raw["data"]["train"]]
 
 
 def write_fold(dataset: Path, images: Path, folds: int, fold: int, out: Path) -> Path:
@@ -89,12 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     changes = parse_changes(args.changes)
     if args.folds < 2:
         raise SystemExit(f"--folds wants K >= 2, got {args.folds}")
-    status = dict.fromkeys(USED_ASSETS, "stand-in") if args.small else check_assets()
-    scale = choose_scale(False, status)
-    if args.small:
-        scale = replace(FULL_STANDIN, epochs=3, world_images=40)  # 3 steps a fold at --folds 2
-    cache = args.output / "assets" if args.small else (args.cache or default_cache_dir())
-    assets = prepare_assets(cache, args.output, scale, status, clipart=False)
+    assets, scale, cache = demo_setup(args.small, args.output, args.cache)
     info = machine_info()
     print(f"device: {info['gpu'] or 'CPU (' + info['cpu'] + ')'} | the demo's S-SMKE row, batch {scale.batch_size}, "
           f"{scale.image_size} px | change {args.name!r}: {changes or ''} | baseline: the row unchanged, same seeds "
@@ -107,9 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for name, change in (("base", {}), (args.name, changes)):
             raw = demo_config(assets, scale, ROWS[0])
             raw["seed"] = seed
-            # the held-out set's training source, re-split
-            raw["data"]["train"] = [{**s, "path": str(fold), "splits": ["train"]}
-                                    if Path(s["path"]) == assets.eval_json else s for s in raw["data"]["train"]]
+            train_on(raw, assets, fold)  # the held-out set's training source, re-split
             for key, value in change.items():
                 try:
                     set_key(raw, key, value)

@@ -160,6 +160,43 @@ def test_recipe_sweep_scores_each_fold_with_models_that_never_saw_it(tmp_path):
         sweep.main(["--small", "--output", str(out), "--folds", "1", "--name", "x"])
 
 
+def test_data_curve_trains_on_nested_shares_and_fits_the_rate(tmp_path):
+    """--small: each fraction trains on a share of the held-out set's train + val images that holds every
+    smaller share's (fraction 1: all of them, never a test image); a finished run is reused; the binomial
+    tail, the even-odds rate and the fitted line against worked numbers."""
+    import json
+
+    curve = bench_module("data_curve.py")
+    out = tmp_path / "curve"
+    result = curve.main(["--small", "--fractions", "0.75", "1", "0.5", "--seeds", "0", "--output", str(out)])
+    assert [r["fraction"] for r in result["rows"]] == [0.5, 0.75, 1.0]
+    world = json.loads(next((out / "assets").glob("world-*/dataset_synthetic.json")).read_text())["images"]
+    key = lambda image: (image["filepath"], image["filename"])  # noqa: E731
+    shares = {f: json.loads((out / "subsets" / f"dataset_synthetic-{f:g}.json").read_text())["images"]
+              for f in (0.5, 0.75, 1.0)}
+    trained = {f: {key(i) for i in images if i["split"] == "train"} for f, images in shares.items()}
+    assert trained[0.5] and trained[0.5] <= trained[0.75] < trained[1.0]
+    assert trained[1.0] == {key(i) for i in world if i["split"] in ("train", "val")}
+    assert all([key(i) for i in images if i["split"] == "test"] == [key(i) for i in world if i["split"] == "test"]
+               for images in shares.values())
+    pairs = {r["fraction"]: r["pairs"] for r in result["rows"]}
+    assert pairs[1.0] == sum(len(i["sentences"]) for i in world if i["split"] in ("train", "val"))
+    for run in result["runs"]:
+        assert 0 <= run["r_mean"] <= 100 and 0 <= run["top3"] <= run["captions"] and len(run["example_ranks"]) == 4
+    assert json.loads((out / "curve.json").read_text())["rows"] == result["rows"]
+    assert "| 0.75 |" in (out / "curve.md").read_text() and (out / "curve.png").stat().st_size > 0
+    again = curve.main(["--small", "--fractions", "1", "--seeds", "0", "--output", str(out)])
+    assert again["runs"][0]["train_s"] is None and again["runs"][0]["r_mean"] == result["runs"][-1]["r_mean"]
+    assert curve.at_least(3, 4, 0.5) == pytest.approx(5 / 16)
+    rate = curve.even_odds_rate()
+    assert 4 * rate ** 3 * (1 - rate) + rate ** 4 == pytest.approx(0.5) and round(rate, 3) == 0.614
+    assert curve.fit_log2([(2, 1.0), (8, 5.0), (4, 3.0)]) == pytest.approx((-1.0, 2.0))
+    with pytest.raises(SystemExit, match="--fractions wants shares"):
+        curve.main(["--small", "--fractions", "0", "--output", str(out)])
+    with pytest.raises(SystemExit, match="--fractions 0.1: its .* training pairs make no full batch of 32"):
+        curve.main(["--small", "--fractions", "0.1", "1", "--output", str(out)])
+
+
 def test_frozen_cache_benchmark_needs_real_towers_for_the_hf_row(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="needs the real image tower"):

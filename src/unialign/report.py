@@ -160,6 +160,41 @@ def plot_recall_curves(panels: Sequence[tuple[str, Sequence[Curve]]], path: Path
     return True
 
 
+# (training pairs, mean, standard deviation over seeds) of one measure
+CurvePoint = tuple[float, float, float]
+
+
+def plot_learning_curve(rates: Sequence[CurvePoint], recalls: Sequence[CurvePoint], path: Path, target: float,
+                        fit: tuple[float, float] | None = None) -> bool:
+    """Top-K rate and mean recall against training pairs (log scale, error bars over seeds), the `target`
+    rate as a dashed line and the fitted line rate = a + b log2(pairs) extended to it. False when
+    matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        log.warning("matplotlib is not installed (pip install 'unialign[eval]'): no learning-curve plot")
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for points, label, color in ((rates, "captions with their image in the top 3 (%)", "C0"),
+                                 (recalls, "mean recall", "C1")):
+        ax.errorbar([x for x, _, _ in points], [y for _, y, _ in points], yerr=[e for _, _, e in points],
+                    marker="o", capsize=3, color=color, label=label)
+    if fit is not None and fit[1] > 0:
+        a, b = fit
+        x0, x1 = min(x for x, _, _ in rates), max(2 ** ((target - a) / b), max(x for x, _, _ in rates))
+        xs = [x0 * (x1 / x0) ** (i / 50) for i in range(51)]
+        ax.plot(xs, [a + b * math.log2(x) for x in xs], ":", color="C0", label=f"fit: {a:.1f} + {b:.1f} log2(pairs)")
+    ax.axhline(target, linestyle="--", color="grey", label=f"target {target:g}%")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training pairs")
+    ax.set_ylabel("percent")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    _save(fig, path, dpi=130)
+    return True
+
+
 # ---------------------------------------------------------------------------------------
 # Report files
 
