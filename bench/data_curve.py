@@ -169,7 +169,7 @@ def report(runs: list[dict[str, Any]], target: float, output: Path, info: dict[s
                             "P(>= 3 of 4 in the top 3)"],
                            [[f"{r['fraction']:g}", r["pairs"], r["steps"], r["seeds"],
                              f"{r['r_mean']:.1f} ± {r['r_mean_sd']:.1f}",
-                             f"{r['top3_rate']:.1f} ± {r['top3_rate_sd']:.1f}", r["p_3_of_4"]] for r in rows])
+                             f"{r['top3_rate']:.1f} ± {r['top3_rate_sd']:.1f}", f"{r['p_3_of_4']:.3f}"] for r in rows])
     lines = [f"Device: {result['device']}. The demo's S-SMKE row on fractions of its training pairs; test split.",
              "", table, ""]
     if fit:
