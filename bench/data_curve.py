@@ -21,7 +21,6 @@ curve.md and curve.png (matplotlib).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import statistics
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recipe_sweep import REPO, demo_setup, train_on
+from recipe_sweep import REPO, demo_setup, path_part, train_on, write_copy
 
 from unialign.config import parse_config
 from unialign.demo.plan import ROWS, demo_config, with_teacher_cache
@@ -50,22 +49,18 @@ def write_subset(dataset: Path, images: Path, fraction: float, out: Path) -> tup
     (by sha256 of the path, in thousandths), all as "train"; its test split unchanged. Returns the file
     and how many (image, caption) pairs it trains on."""
     data = json.loads(dataset.read_text())
-    kept = []
+    share, kept = round(fraction * 1000), []
     for image in data["images"]:
-        if image["split"] in ("train", "val"):
-            part = int(hashlib.sha256(f"{image['filepath']}/{image['filename']}".encode()).hexdigest(), 16) % 1000
-            if part < round(fraction * 1000):
-                kept.append({**image, "split": "train"})
-        elif image["split"] == "test":
+        if image["split"] == "test":
             kept.append(image)
+        elif image["split"] in ("train", "val") and path_part(image, 1000) < share:
+            kept.append({**image, "split": "train"})
     n_train = sum(len(image["sentences"]) for image in kept if image["split"] == "train")
     if n_train == 0:
         raise SystemExit(f"--fractions {fraction}: no train or val image of {dataset} falls in it")
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / f"{dataset.stem}-{fraction:g}.json"
-    write_json_atomic(target, {**data, "image_root": str(images), "images": kept,
-                               "split_rule": f"{fraction:g} of the train and val images of {dataset.name} by sha256 "
-                                             "of the path; test unchanged"})
+    target = write_copy(data, images, kept, out / f"{dataset.stem}-{fraction:g}.json",
+                        f"{fraction:g} of the train and val images of {dataset.name} by sha256 of the path; "
+                        "test unchanged")
     return target, n_train
 
 

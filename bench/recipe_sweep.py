@@ -72,24 +72,28 @@ def train_on(raw: dict[str, Any], assets: DemoAssets, dataset: Path) -> None:
                             if Path(s["path"]) == assets.eval_json else s for s in raw["data"]["train"]]
 
 
+def path_part(image: dict[str, Any], parts: int) -> int:
+    """Which of `parts` parts a Karpathy image entry falls in, by sha256 of its relative path."""
+    return int(hashlib.sha256(f"{image['filepath']}/{image['filename']}".encode()).hexdigest(), 16) % parts
+
+
+def write_copy(data: dict[str, Any], images: Path, kept: list[dict[str, Any]], target: Path, rule: str) -> Path:
+    """`data` (a Karpathy JSON) with only the `kept` image entries, its images at `images`, as `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target, {**data, "image_root": str(images), "images": kept, "split_rule": rule})
+    return target
+
+
 def write_fold(dataset: Path, images: Path, folds: int, fold: int, out: Path) -> Path:
     """A copy of the Karpathy JSON `dataset` whose train and val images are re-split: part `fold` of
     `folds` (by a hash of the image's path) is "val", the other parts "train"; test is left out."""
     data = json.loads(dataset.read_text())
-    kept = []
-    for image in data["images"]:
-        if image["split"] in ("train", "val"):
-            path = f"{image['filepath']}/{image['filename']}"
-            part = int(hashlib.sha256(path.encode()).hexdigest(), 16) % folds
-            kept.append({**image, "split": "val" if part == fold else "train"})
+    kept = [{**image, "split": "val" if path_part(image, folds) == fold else "train"}
+            for image in data["images"] if image["split"] in ("train", "val")]
     if not any(image["split"] == "val" for image in kept):
         raise SystemExit(f"--folds {folds}: part {fold} of {dataset} holds no image (too few for {folds} folds)")
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / f"{dataset.stem}-fold{fold}of{folds}.json"
-    write_json_atomic(target, {**data, "image_root": str(images), "images": kept,
-                               "split_rule": f"train and val of {dataset.name}, part {fold} of {folds} by sha256 "
-                                             "of the path"})
-    return target
+    return write_copy(data, images, kept, out / f"{dataset.stem}-fold{fold}of{folds}.json",
+                      f"train and val of {dataset.name}, part {fold} of {folds} by sha256 of the path")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

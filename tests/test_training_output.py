@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -144,3 +145,15 @@ def test_cli_logging_keeps_faiss_loader_quiet(verbose):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert ("faiss.loader" in done.stderr) == verbose, done.stderr  # shown with -v only
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_cli_logging_keeps_matplotlibs_font_cache_quiet(verbose, tmp_path):
+    """A first plot builds matplotlib's font cache, which reports at INFO (and each installed font it cannot
+    use, such as Noto Color Emoji); an empty MPLCONFIGDIR makes this run the first."""
+    code = (f"from unialign.cli import setup_logging; setup_logging({verbose}); "
+            "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt; plt.figure()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl")})
+    assert done.returncode == 0, done.stderr
+    assert ("matplotlib.font_manager" in done.stderr) == verbose, done.stderr  # shown with -v only

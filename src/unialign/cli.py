@@ -248,6 +248,9 @@ def setup_logging(verbose: bool) -> None:
         # faiss's loader reports at INFO each instruction-set build it tries, a missing one as a
         # ModuleNotFoundError, on every command that imports it: it reads like an error and is none.
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        # matplotlib's font cache, built on the first plot, reports at INFO each installed font it cannot
+        # use (Noto Color Emoji, a bitmap font, among them): not the user's concern.
+        logging.getLogger("matplotlib.font_manager").setLevel(logging.WARNING)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
