@@ -185,6 +185,7 @@ def plot_learning_curve(rates: Sequence[CurvePoint], recalls: Sequence[CurvePoin
         ax.plot(xs, [a + b * math.log2(x) for x in xs], ":", color="C0", label=f"fit: {a:.1f} + {b:.1f} log2(pairs)")
     ax.axhline(target, linestyle="--", color="grey", label=f"target {target:g}%")
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())  # 256, not 2^8
     ax.set_xlabel("training pairs")
     ax.set_ylabel("percent")
     ax.set_ylim(0, 100)
