@@ -1,5 +1,6 @@
-"""The one home of report tables, plots and files: `unialign demo`, `unialign report` and
-`bench/reproduce.py` all write their Markdown tables, recall plots and report.json/report.md here.
+"""The one home of report tables, plots and files: `unialign demo`, `unialign report`,
+`bench/reproduce.py` and `bench/data_curve.py` write their Markdown tables, recall plots, learning
+curve and report.json/report.md here.
 
 Every number these tools write is quoted with the machine it was measured on (timings on a
 shared 2-core VM mean little without the load average); the demo and bench/reproduce.py draw
