@@ -33,6 +33,7 @@ from recipe_sweep import REPO, demo_setup, path_part, train_on, write_copy
 from unialign.config import parse_config
 from unialign.demo.plan import ROWS, demo_config, with_teacher_cache
 from unialign.demo.run import quiet_libraries, train_or_reuse
+from unialign.evaluation.encode import PixelMemo
 from unialign.evaluation.models import load_eval_model
 from unialign.evaluation.run import evaluate_retrieval_model
 from unialign.examples import search_examples
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if pairs < scale.batch_size:
             raise SystemExit(f"--fractions {f:g}: its {pairs} training pairs make no full batch of {scale.batch_size}")
     runs = []
+    memo = PixelMemo()  # every run scores the same test images with the same frozen blocks: preprocessed once
     todo = [(f, seed) for f in fractions for seed in args.seeds]
     start = time.perf_counter()
     for done, (fraction, seed) in enumerate(todo):
@@ -125,8 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_s = time.perf_counter() - t
         ckpt = run / CHECKPOINT_DIR / FINAL
         scores = evaluate_retrieval_model(load_eval_model(str(ckpt)), assets.eval_json, images=assets.eval_images,
-                                          split="test", progress=False)
-        search = search_examples(ckpt, assets.eval_json, assets.eval_images, top_k=TOP_K)
+                                          split="test", progress=False, memo=memo)
+        search = search_examples(ckpt, assets.eval_json, assets.eval_images, top_k=TOP_K, memo=memo)
         line = {"fraction": fraction, "seed": seed, "pairs": subsets[fraction][1], "steps": summary["global_step"],
                 "r_mean": round(scores["r_mean"], 2), "top3": search["found"], "captions": search["captions"],
                 "top3_rate": round(100 * search["found"] / search["captions"], 2),
