@@ -56,6 +56,21 @@ def test_retrieval_checkpoint_flags_unchanged(karpathy: Path, tiny_checkpoint: P
     assert "| txt_r1 |" in capsys.readouterr().out
 
 
+def test_retrieval_with_a_query_bank(karpathy: Path, tiny_checkpoint: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "r.json"
+    run(["eval", "retrieval", "--checkpoint", str(tiny_checkpoint), "--karpathy", str(karpathy), "--images",
+         str(karpathy.parent), "--output", str(out), "--no-progress", "--query-bank", "train"])
+    result = json.loads(out.read_text())
+    assert (result["query_bank"]["bank_images"], result["query_bank"]["bank_captions"]) == (1, 1)
+    printed = capsys.readouterr().out
+    assert "| cosine |" in printed and "| query bank (1 captions, 1 images, beta 14.3) |" in printed
+    with pytest.raises(SystemExit):
+        run(["eval", "retrieval", "--checkpoint", str(tiny_checkpoint), "--karpathy", str(karpathy), "--images",
+             str(karpathy.parent), "--output", str(out), "--no-progress", "--query-bank", "test"])
+    assert "--query-bank 'test': name the training splits" in capsys.readouterr().err
+
+
 def test_retrieval_with_a_baseline_on_a_manifest(tmp_path: Path) -> None:
     pytest.importorskip("open_clip")
     arch, weights = tiny_openclip(tmp_path / "oc")

@@ -90,17 +90,24 @@ def _dataset_args(p: argparse.ArgumentParser, train: bool) -> None:
 
 @_friendly
 def _retrieval(args: argparse.Namespace) -> None:
-    from ..report import RECALL_KEYS
+    from ..report import RECALL_KEYS, markdown_table
     from .models import load_eval_model
     from .run import evaluate_retrieval_model
 
     model = load_eval_model(args.model or args.checkpoint, args.device)
     result = evaluate_retrieval_model(model, args.karpathy, args.manifest, args.images, args.split,
                                       args.dataset_name, args.batch_size, args.num_workers, not args.no_progress,
-                                      args.max_missing_fraction, args.rerank)
+                                      args.max_missing_fraction, args.rerank, query_bank=args.query_bank)
     if args.checkpoint:
         result["checkpoint"] = str(args.checkpoint)
-    _finish(result, args, RECALL_KEYS, _rerank_table(result, RECALL_KEYS) if args.rerank else None)
+    tables = [_rerank_table(result, RECALL_KEYS)] if args.rerank else []
+    if args.query_bank:
+        bank = result["query_bank"]
+        tables.append(markdown_table(("scores", *RECALL_KEYS), [
+            ["cosine", *(result[k] for k in RECALL_KEYS)],
+            [f"query bank ({bank['bank_captions']} captions, {bank['bank_images']} images, beta {bank['beta']:.1f})",
+             *(bank[k] for k in RECALL_KEYS)]]))
+    _finish(result, args, RECALL_KEYS, "\n\n".join(tables) or None)
 
 
 def _rerank_table(result: dict[str, Any], keys: tuple[str, ...]) -> str:
@@ -131,6 +138,10 @@ def register_retrieval(eval_subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--rerank", type=int_at_least(0), default=0, metavar="K",
                    help="also re-rank each query's top K with the checkpoint's ITM head (model.itm) and report "
                         "both rankings (default 0: the dual encoder only)")
+    r.add_argument("--query-bank", metavar="SPLITS|MANIFEST",
+                   help="also report recalls with query-bank normalisation (the inverted softmax over training "
+                        "queries, docs/EVALUATION.md): the training splits of the --karpathy file, e.g. train or "
+                        "train,restval, or the training manifest with --manifest")
     _common(r, model_flag=False)
     r.set_defaults(func=_retrieval)
 

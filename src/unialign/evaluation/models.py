@@ -55,6 +55,15 @@ class EvalModel(ABC):
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokenized texts -> (B, width), L2-normalised."""
 
+    @property
+    def logit_scale(self) -> float:
+        """The inverse temperature the model's contrastive loss trained at (CLIP's exp(logit_scale));
+        unialign, open_clip and transformers' dual encoders all keep it as `logit_scale`, a log."""
+        scale = getattr(getattr(self, "model", None), "logit_scale", None)
+        if not isinstance(scale, torch.Tensor):
+            raise EvalError(f"model {self.name!r} has no logit_scale to take the query bank's temperature from")
+        return float(scale.detach().float().exp().reshape(-1)[0])
+
     def encode_images(self, paths: Sequence[str], batch_size: int = 64, num_workers: int = 0,
                       progress: bool = True, memo: PixelMemo | None = None
                       ) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:

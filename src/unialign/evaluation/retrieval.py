@@ -69,6 +69,8 @@ def retrieval_ranks(
     text_emb: Tensor,
     caption_to_image: Tensor,
     chunk_size: int = 4096,
+    image_bias: Tensor | None = None,
+    text_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact 0-based ranks of the positives, computed block-wise.
 
@@ -83,8 +85,17 @@ def retrieval_ranks(
 
     Both are int64 on the embeddings' device. Low-precision embeddings are scored in
     float32 so that rounding does not manufacture ties.
+
+    `image_bias` (N,) and `text_bias` (M,) are subtracted from every score of their image or caption
+    (query-bank normalisation, `evaluation.querybank`): an image's bias moves it against the other
+    images in text->image ranking, a caption's against the other captions in image->text ranking.
     """
     _validate(image_emb, text_emb, caption_to_image, chunk_size)
+    for name, bias, like in (("image_bias", image_bias, image_emb), ("text_bias", text_bias, text_emb)):
+        if bias is not None and (bias.shape != like.shape[:1] or bias.device != like.device
+                                 or not bool(torch.isfinite(bias).all())):
+            raise ValueError(f"{name} must be finite, of shape ({like.shape[0]},) and on {like.device}, "
+                             f"got shape {tuple(bias.shape)} on {bias.device}")
     dtype = torch.promote_types(torch.promote_types(image_emb.dtype, text_emb.dtype), torch.float32)
     device = image_emb.device
     images = image_emb.to(dtype)
@@ -99,6 +110,10 @@ def retrieval_ranks(
             for c0 in range(0, n_captions, chunk_size)
         ]
     )
+    # Subtracting zeros leaves every score as it was, bit for bit.
+    image_bias = torch.zeros(n_images, dtype=dtype, device=device) if image_bias is None else image_bias.to(dtype)
+    text_bias = torch.zeros(n_captions, dtype=dtype, device=device) if text_bias is None else text_bias.to(dtype)
+    positive = positive - image_bias[owner] - text_bias
     best_positive = torch.full((n_images,), float("-inf"), dtype=dtype, device=device)
     best_positive.scatter_reduce_(0, owner, positive, reduce="amax")
 
@@ -109,7 +124,7 @@ def retrieval_ranks(
         image_ids = torch.arange(i0, i1, device=device)
         for c0 in range(0, n_captions, chunk_size):
             c1 = min(c0 + chunk_size, n_captions)
-            scores = images[i0:i1] @ texts[c0:c1].T
+            scores = images[i0:i1] @ texts[c0:c1].T - image_bias[i0:i1, None] - text_bias[None, c0:c1]
             # Positives are excluded by index, not by value, so a pair never competes with itself.
             negative = owner[c0:c1].unsqueeze(0) != image_ids.unsqueeze(1)
             text_ranks[i0:i1] += ((scores >= best_positive[i0:i1].unsqueeze(1)) & negative).sum(dim=1)

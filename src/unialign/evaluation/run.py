@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..data.records import RetrievalSet, read_karpathy_eval, read_manifest, retrieval_set
+from ..data.records import RetrievalSet, read_karpathy, read_karpathy_eval, read_manifest, retrieval_set
 from .retrieval import metrics_from_ranks, retrieval_ranks
 from .specs import EvalError
 
@@ -51,7 +51,8 @@ def check_missing(n_missing: int, n_total: int, skipped: list[tuple[str, str]], 
 def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, where: str, batch_size: int = 64,
                            num_workers: int = 0, progress: bool = True,
                            max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION,
-                           rerank: int = 0, memo: PixelMemo | None = None) -> dict[str, Any]:
+                           rerank: int = 0, memo: PixelMemo | None = None,
+                           query_bank: RetrievalSet | None = None) -> dict[str, Any]:
     """Recall@K both ways for one gallery (`where` names it in errors).
 
     Unreadable or missing images are dropped with their captions and counted; more of them than
@@ -64,7 +65,11 @@ def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, w
     ``rerank_k``, ``encode_rank_seconds`` and ``rerank_seconds``.
 
     `memo` (evaluation.encode.PixelMemo): shared by several models scored on the same set, each file
-    is decoded and preprocessed once per preprocessing."""
+    is decoded and preprocessed once per preprocessing.
+
+    `query_bank` (training images and captions, never the gallery's): the recalls also with query-bank
+    normalisation (`evaluation.querybank`, at the model's logit scale), under ``query_bank``; the plain
+    recalls stay where they are."""
     if rerank:
         from .itm_score import require_itm
 
@@ -81,6 +86,9 @@ def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, w
     caption_to_image = torch.tensor([i for _, i in captions], dtype=torch.long)
     ranks = retrieval_ranks(image_emb, text_emb, caption_to_image)
     metrics = metrics_from_ranks(*ranks)
+    if query_bank is not None:
+        metrics["query_bank"] = _with_query_bank(model, image_emb, text_emb, caption_to_image, query_bank,
+                                                 batch_size, num_workers, progress, memo)
     if rerank:
         metrics["encode_rank_seconds"] = time.perf_counter() - start
         metrics.update(_rerank(model, image_emb, text_emb, caption_to_image, ranks, rerank,
@@ -96,6 +104,23 @@ def evaluate_retrieval_set(model: EvalModel, data: RetrievalSet, dataset: str, w
         "images_skipped": len(skipped),
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
     }
+
+
+def _with_query_bank(model: EvalModel, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                     caption_to_image: torch.Tensor, bank: RetrievalSet, batch_size: int, num_workers: int,
+                     progress: bool, memo: PixelMemo | None) -> dict[str, Any]:
+    """The recalls with each image's bias against the bank's captions and each caption's against its images."""
+    from .querybank import querybank_bias
+
+    beta = model.logit_scale
+    bank_images, kept, _ = model.encode_images(bank.images, batch_size, num_workers, progress, memo)
+    if not kept:
+        raise EvalError(f"no readable image in the query bank (e.g. {bank.images[0] if bank.images else '-'})")
+    bank_texts = model.encode_texts(bank.captions, progress=progress)
+    ranks = retrieval_ranks(image_emb, text_emb, caption_to_image,
+                            image_bias=querybank_bias(image_emb, bank_texts, beta),
+                            text_bias=querybank_bias(text_emb, bank_images, beta))
+    return {**metrics_from_ranks(*ranks), "beta": beta, "bank_images": len(kept), "bank_captions": len(bank.captions)}
 
 
 def _rerank(model: EvalModel, image_emb: torch.Tensor, text_emb: torch.Tensor, caption_to_image: torch.Tensor,
@@ -135,10 +160,12 @@ def evaluate_retrieval_model(model: EvalModel, karpathy: str | Path | None = Non
                              split: str = "test", dataset_name: str | None = None, batch_size: int = 64,
                              num_workers: int = 0, progress: bool = True,
                              max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION,
-                             rerank: int = 0, memo: PixelMemo | None = None) -> dict[str, Any]:
+                             rerank: int = 0, memo: PixelMemo | None = None,
+                             query_bank: str | Path | None = None) -> dict[str, Any]:
     """Retrieval on a Karpathy split or on a whole JSONL/CSV manifest (captions grouped by `image_id`).
     `rerank` K > 0: also re-rank each query's top K with the checkpoint's ITM head; `memo`: as
-    `evaluate_retrieval_set`.
+    `evaluate_retrieval_set`. `query_bank`: also the recalls with query-bank normalisation, the bank
+    being other splits of the Karpathy file ("train" or "train,val") or another manifest (the training one).
 
     More than `max_missing_fraction` of the gallery's images missing or unreadable is an error.
 
@@ -157,8 +184,27 @@ def evaluate_retrieval_model(model: EvalModel, karpathy: str | Path | None = Non
         rs = read_manifest(manifest, images)
         data, source, used_split = retrieval_set(rs.records, rs.skipped_empty), manifest, None
         where = str(manifest)
+    bank = None if query_bank is None else _read_query_bank(str(query_bank), karpathy, manifest, images, split)
     result = evaluate_retrieval_set(model, data, dataset_name or retrieval_dataset_name(source), where, batch_size,
-                                    num_workers, progress, max_missing_fraction, rerank, memo)
+                                    num_workers, progress, max_missing_fraction, rerank, memo, bank)
     return {**result, "split": used_split, "source": str(source)}
+
+
+def _read_query_bank(query_bank: str, karpathy: str | Path | None, manifest: str | Path | None,
+                     images: str | Path | None, split: str) -> RetrievalSet:
+    """The bank's images and captions: splits of the evaluated Karpathy file, or a manifest; never the gallery."""
+    if karpathy is not None:
+        splits = [part.strip() for part in query_bank.split(",") if part.strip()]
+        if not splits or split in splits:
+            raise EvalError(f"--query-bank {query_bank!r}: name the training splits of {karpathy} (e.g. train), "
+                            f"not the evaluated split {split!r}")
+        rs = read_karpathy(karpathy, images, splits)  # type: ignore[arg-type]  # images checked by the caller
+    else:
+        if Path(query_bank).resolve() == Path(manifest).resolve():  # type: ignore[arg-type]
+            raise EvalError(f"--query-bank {query_bank} is the evaluated manifest; give the training manifest")
+        rs = read_manifest(query_bank, images)
+    if not rs.records:
+        raise EvalError(f"--query-bank {query_bank!r}: no captioned images in it")
+    return retrieval_set(rs.records, rs.skipped_empty)
 
 
