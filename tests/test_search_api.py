@@ -46,6 +46,7 @@ def test_health_and_page(client):
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["items"] == 6 and health["captions"] == 12
     assert health["image_index"] == "Flat (exact)" and health["max_upload_bytes"] == 10 * 1024 * 1024
+    assert health["query_bank"] == 0  # built without one
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<label for="q"' in page.text and 'role="search"' in page.text

@@ -90,6 +90,7 @@ class Health(BaseModel):
     image_index: str
     caption_index: str | None
     dim: int
+    query_bank: int  # queries behind the text search's normalisation; 0: plain cosine
     max_upload_bytes: int
     max_query_chars: int
     max_k: int
@@ -300,8 +301,9 @@ def create_app(searcher: Searcher, limits: Limits = Limits(),
         return Health(status="ok", items=searcher.size, captions=counts["captions"],
                       image_index=searcher.image_params.describe(),
                       caption_index=searcher.caption_params.describe() if searcher.caption_params else None,
-                      dim=searcher.model.width, max_upload_bytes=limits.max_upload_bytes,
-                      max_query_chars=limits.max_query_chars, max_k=limits.max_k)
+                      dim=searcher.model.width, query_bank=searcher.query_bank,
+                      max_upload_bytes=limits.max_upload_bytes, max_query_chars=limits.max_query_chars,
+                      max_k=limits.max_k)
 
     @app.get("/api/search", response_model=SearchResponse, responses=_errors(400), tags=["search"])
     def search(q: Annotated[str, Query(min_length=1, max_length=limits.max_query_chars, pattern=r"\S",

@@ -7,18 +7,21 @@ their type or size class changes; otherwise new vectors are appended.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from ..data.images import IMAGE_SUFFIXES
 from ..data.records import read_manifest, stable_id
 from ..evaluation.encode import encode_images, encode_texts
+from ..evaluation.querybank import querybank_bias
 from ..evaluation.run import default_device
 from ..files import file_sha256
 from ..model.factory import load
@@ -61,6 +64,7 @@ class BuildReport:
     captions: int = 0
     image_index: str = ""
     caption_index: str | None = None
+    query_bank: int = 0  # queries in the index's bank (0: none)
 
 
 def entries_from_folder(folder: Path | str) -> list[Entry]:
@@ -109,12 +113,32 @@ def _check_model(store: IndexStore, checkpoint: Path, sha: str) -> None:
             f"mixed: build into a new --output directory")
 
 
+def read_query_texts(path: Path | str) -> list[str]:
+    """A query bank's texts: a .txt file (one query a line) or a JSONL/CSV manifest (its captions)."""
+    path = Path(path)
+    if path.suffix.lower() in (".jsonl", ".csv"):
+        texts = [r.caption for r in read_manifest(path).records]
+    elif path.suffix.lower() == ".txt":
+        try:
+            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise SearchIndexError(f"--query-bank {path}: cannot read ({err})") from None
+    else:
+        raise SearchIndexError(f"--query-bank {path}: expected a .txt file (one query a line) or a .jsonl/.csv "
+                               f"manifest, got {path.suffix or 'no suffix'}")
+    if not texts:
+        raise SearchIndexError(f"--query-bank {path}: no queries in it")
+    return texts
+
+
 def build_index(checkpoint: Path | str, entries: Sequence[Entry], out: Path | str, index_type: str | None = None,
                 batch_size: int = 64, num_workers: int = 0, chunk_size: int = 2048, device: str | None = None,
-                progress: bool = True) -> BuildReport:
+                progress: bool = True, query_bank: Path | str | None = None) -> BuildReport:
     """Embed the entries not in ``out`` yet, chunk by chunk, then bring the FAISS indexes up to date.
 
-    ``index_type`` None keeps the type chosen by an earlier build ("auto" for a new index).
+    ``index_type`` None keeps the type chosen by an earlier build ("auto" for a new index). ``query_bank``
+    (texts like the queries to expect, e.g. the training captions; `read_query_texts`): text search ranks
+    by query-bank normalisation (`evaluation.querybank`); None keeps the bank of an earlier build, if any.
     """
     if chunk_size < 1:
         raise SearchIndexError(f"chunk size must be >= 1, got {chunk_size}")
@@ -133,6 +157,16 @@ def build_index(checkpoint: Path | str, entries: Sequence[Entry], out: Path | st
                         "index_type": kind})
         if store.remove_orphan_vectors():
             log.info("%s: removed vector files of a chunk that was never committed", store.root)
+        device = device or default_device()
+        loaded: list[tuple] = []  # the model, loaded once for whatever needs it
+
+        def model() -> tuple:
+            if not loaded:
+                loaded.append(load(checkpoint, device=device))
+            return loaded[0]
+
+        if query_bank is not None:
+            _set_query_bank(store, read_query_texts(query_bank), str(query_bank), sha, model, device)
         known = store.known_paths()
         todo = [e for e in entries if e.skip is None and e.path not in known]
         listed = [(e.path, e.skip) for e in entries if e.skip is not None]
@@ -141,22 +175,39 @@ def build_index(checkpoint: Path | str, entries: Sequence[Entry], out: Path | st
         if listed:
             store.record_skipped(listed)
         if todo:
-            _embed(store, checkpoint, todo, batch_size, num_workers, chunk_size, device or default_device(),
-                   progress, report)
+            _embed(store, model(), todo, batch_size, num_workers, chunk_size, device, progress, report)
         counts = store.counts()
         if not counts["items"]:
             raise SearchIndexError(f"{store.root}: nothing was indexed: all {len(report.skipped)} image(s) were "
                                    f"skipped (listed in table 'skipped' of {store.root / DB_NAME})")
         image_params, caption_params = sync_faiss(store, kind)
+        report.query_bank = int(store.meta().get("query_bank_size", 0))
     report.items, report.captions = counts["items"], counts["captions"]
     report.image_index = image_params.describe() if image_params else ""
     report.caption_index = caption_params.describe() if caption_params else None
     return report
 
 
-def _embed(store: IndexStore, checkpoint: Path, todo: list[Entry], batch_size: int, num_workers: int,
+def _set_query_bank(store: IndexStore, texts: list[str], source: str, checkpoint_sha: str,
+                    model: Callable[[], tuple], device: str) -> None:
+    """Embed and store the bank unless the same texts are stored for the same model (the image index is
+    rebuilt with the new biases by `sync_faiss`)."""
+    digest = hashlib.sha256("\n".join([checkpoint_sha, *texts]).encode("utf-8")).hexdigest()
+    if store.meta().get("query_bank_sha256") == digest:
+        return
+    net, _, tokenizer = model()
+    vectors = encode_texts(net, tokenizer, texts, device=device, progress=False)
+    beta = float(net.logit_scale.detach().exp())  # the inverse temperature the model trained at
+    store.write_query_bank(digest, np.asarray(vectors, dtype=np.float32))
+    store.set_meta({"query_bank_sha256": digest, "query_bank_source": source, "query_bank_size": str(len(texts)),
+                    "query_bank_beta": repr(beta)})
+    store.remove_other_query_banks()
+    log.info("query bank: %d queries from %s (beta %.2f)", len(texts), source, beta)
+
+
+def _embed(store: IndexStore, loaded: tuple, todo: list[Entry], batch_size: int, num_workers: int,
            chunk_size: int, device: str, progress: bool, report: BuildReport) -> None:
-    model, preprocess, tokenizer = load(checkpoint, device=device)
+    model, preprocess, tokenizer = loaded
     store.set_meta({"dim": str(model.width)})
     n_chunks = (len(todo) + chunk_size - 1) // chunk_size
     for number, start in enumerate(range(0, len(todo), chunk_size), 1):
@@ -184,31 +235,47 @@ def _embed(store: IndexStore, checkpoint: Path, todo: list[Entry], batch_size: i
 def sync_faiss(store: IndexStore, kind: str) -> tuple[ann.AnnParams | None, ann.AnnParams | None]:
     """Make images.faiss / captions.faiss cover every committed chunk (written atomically)."""
     chunks = store.chunks()
-    return (_sync_one(store, store.root / IMAGE_INDEX, chunks, "images", kind),
-            _sync_one(store, store.root / CAPTION_INDEX, chunks, "captions", kind))
+    meta = store.meta()
+    bank = store.read_query_bank()
+    beta = float(meta["query_bank_beta"]) if bank is not None else 0.0
+    # images.faiss holds the biases of one bank: the one recorded after it was written last
+    bank_digest = meta.get("query_bank_sha256", "")
+    stale = meta.get("images_faiss_query_bank", "") != bank_digest
+    images = _sync_one(store, store.root / IMAGE_INDEX, chunks, "images", kind, bank, beta, rebuild=stale)
+    store.set_meta({"images_faiss_query_bank": bank_digest})
+    return images, _sync_one(store, store.root / CAPTION_INDEX, chunks, "captions", kind)
 
 
-def _part(v: ChunkVectors, which: str) -> tuple[np.ndarray, np.ndarray]:
-    return (v.images, v.image_ids) if which == "images" else (v.captions, v.caption_ids)
+def _part(v: ChunkVectors, which: str, bank: np.ndarray | None = None, beta: float = 0.0
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """A chunk's vectors for one FAISS index; with a query bank an image's last column is minus its bias, so
+    that a text query with a last column of 1 scores cosine - bias (and an image query, with 0, the cosine)."""
+    if which == "captions":
+        return v.captions, v.caption_ids
+    if bank is None:
+        return v.images, v.image_ids
+    bias = querybank_bias(torch.from_numpy(v.images), torch.from_numpy(bank), beta).numpy()
+    return np.concatenate([v.images, -bias[:, None]], axis=1), v.image_ids
 
 
-def _sync_one(store: IndexStore, path: Path, chunks: list[Chunk], which: str, kind: str) -> ann.AnnParams | None:
+def _sync_one(store: IndexStore, path: Path, chunks: list[Chunk], which: str, kind: str,
+              bank: np.ndarray | None = None, beta: float = 0.0, rebuild: bool = False) -> ann.AnnParams | None:
     counts = [c.n_images if which == "images" else c.n_captions for c in chunks]
     total = sum(counts)
     if total == 0:
         path.unlink(missing_ok=True)
         return None
     want = ann.choose_params(total, kind)
-    index, start = _reusable(path, counts, want)
+    index, start = (None, 0) if rebuild else _reusable(path, counts, want)
     if index is not None and start == len(chunks):
         return want
     if index is None:
-        parts = [_part(store.read_vectors(c), which) for c in chunks]
+        parts = [_part(store.read_vectors(c), which, bank, beta) for c in chunks]
         index = ann.build(np.concatenate([x for x, _ in parts]), np.concatenate([i for _, i in parts]), want)
         log.info("%s: built %s over %d %s vectors", path.name, want.describe(), total, which)
     else:
         for c in chunks[start:]:
-            ann.add(index, *_part(store.read_vectors(c), which))
+            ann.add(index, *_part(store.read_vectors(c), which, bank, beta))
         log.info("%s: appended %d %s vectors (%d in all)", path.name, sum(counts[start:]), which, index.ntotal)
     ann.write_atomic(index, path)
     return want

@@ -32,7 +32,7 @@ def _index_build(args: argparse.Namespace) -> None:
                    else entries_from_folder(args.images))
         report = build_index(args.checkpoint, entries, args.output, index_type=args.index_type,
                              batch_size=args.batch_size, num_workers=args.num_workers, chunk_size=args.chunk_size,
-                             device=args.device, progress=not args.no_progress)
+                             device=args.device, progress=not args.no_progress, query_bank=args.query_bank)
     except (SearchIndexError, DataError) as err:
         raise _fail(err) from None
     for path, reason in report.skipped:
@@ -41,7 +41,8 @@ def _index_build(args: argparse.Namespace) -> None:
           f"{report.already_indexed} already indexed, {len(report.skipped)} skipped"
           + (f" (listed in table 'skipped' of {Path(report.index_dir) / DB_NAME})" if report.skipped else ""))
     print(f"index now holds {report.items} image(s) [{report.image_index}]"
-          + (f" and {report.captions} caption(s) [{report.caption_index}]" if report.caption_index else ""))
+          + (f" and {report.captions} caption(s) [{report.caption_index}]" if report.caption_index else "")
+          + (f"; text search normalised by a query bank of {report.query_bank} queries" if report.query_bank else ""))
 
 
 def _search(args: argparse.Namespace) -> None:
@@ -133,6 +134,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="images embedded per committed chunk (what an interruption can lose)")
     b.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--query-bank", metavar="FILE",
+                   help="texts like the queries to expect (the training captions: a .txt, one a line, or a "
+                        "JSONL/CSV manifest): text search then ranks by query-bank normalisation, which keeps "
+                        "images that match every query from crowding the top (docs/SEARCH.md); kept for later builds")
     b.set_defaults(func=_index_build)
 
     p = subparsers.add_parser("search", help="query an index with a text or an image")

@@ -29,7 +29,7 @@ CAPTION_OVERFETCH = 5
 class Hit:
     rank: int
     id: int  # items.id: the handle for thumbnails
-    score: float  # cosine similarity
+    score: float  # cosine similarity; a text query on an index with a query bank: minus the image's bias
     path: str
     caption: str | None  # the matched caption (caption search) or the image's first caption
 
@@ -82,6 +82,12 @@ class Searcher:
         self.device = device or default_device()
         self.model, self.preprocess, self.tokenizer = load(ckpt, device=self.device)
         self.checkpoint_sha256 = meta["checkpoint_sha256"]
+        # a query bank adds a column to images.faiss: minus each image's bias (search.build._part)
+        self.query_bank = int(meta["query_bank_size"]) if "query_bank_sha256" in meta else 0
+        if self.image_index.d != self.model.width + bool(self.query_bank):
+            raise SearchIndexError(f"{root / IMAGE_INDEX} has {self.image_index.d} columns where the model and "
+                                   f"query bank make {self.model.width + bool(self.query_bank)}; run `unialign "
+                                   f"index build` on {root} again to rebuild it")
 
     def close(self) -> None:
         self.store.close()
@@ -111,13 +117,13 @@ class Searcher:
         if rerank < 0:
             raise ValueError(f"rerank must be >= 0, got {rerank}")
         if not rerank:
-            return self._image_hits(self.embed_text(text), k)
+            return self._image_hits(self.embed_text(text), k, bias=True)
         if self.model.itm_head is None:
             raise SearchIndexError("rerank needs a checkpoint with an ITM head (trained with model.itm: true); "
                                    "this index's model has none")
         from .rerank import rerank_hits
 
-        hits = self._image_hits(self.embed_text(text), max(k, rerank))
+        hits = self._image_hits(self.embed_text(text), max(k, rerank), bias=True)
         return rerank_hits(self.model, self.preprocess, self.tokenizer, text, hits, self.device, read_image)[:k]
 
     def search_image(self, image: Image.Image, k: int = 10) -> list[Hit]:
@@ -142,7 +148,10 @@ class Searcher:
         return [Hit(rank, item_id, score, items[item_id].path, caption)
                 for rank, (item_id, (score, caption)) in enumerate(chosen, 1)]
 
-    def _image_hits(self, query: np.ndarray, k: int) -> list[Hit]:
+    def _image_hits(self, query: np.ndarray, k: int, bias: bool = False) -> list[Hit]:
+        """`bias`: a text query, which an index with a query bank scores against the images' biases."""
+        if self.query_bank:
+            query = np.concatenate([query, np.full((len(query), 1), float(bias), dtype=query.dtype)], axis=1)
         scores, ids = ann.search(self.image_index, query, k)
         found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         items = self.store.items([i for _, i in found])

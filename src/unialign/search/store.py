@@ -6,6 +6,8 @@ Layout of INDEX_DIR::
     vectors/chunk-000001.npz image (+ caption) embeddings of one committed chunk, with their ids
     images.faiss             FAISS index over image embeddings (ids = items.id)
     captions.faiss           FAISS index over caption embeddings (ids = captions.id), if any
+    query_bank-DIGEST.npy    embeddings of the query bank's texts, if the index has one (`index build
+                             --query-bank`): images.faiss then holds each image's bias as one more column
 
 The chunk files are the source of truth for vectors; FAISS indexes are derived from them, so
 changing the index type or recovering from a crash never needs the model again. A chunk is
@@ -34,6 +36,7 @@ DB_NAME = "meta.sqlite"
 VECTORS_DIR = "vectors"
 IMAGE_INDEX = "images.faiss"
 CAPTION_INDEX = "captions.faiss"
+QUERY_BANK = "query_bank-{}.npy"  # the bank's digest
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -167,6 +170,29 @@ class IndexStore:
     def set_meta(self, values: dict[str, str]) -> None:
         with self.transaction() as c:
             c.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(values.items()))
+
+    def write_query_bank(self, digest: str, vectors: np.ndarray) -> None:
+        """Stored under its digest, so the meta row that names it is the switch from an old bank to a new one."""
+        with atomic_path(self.root / QUERY_BANK.format(digest[:16]), fsync=True) as tmp, open(tmp, "wb") as f:
+            np.save(f, vectors.astype(np.float32, copy=False))
+
+    def remove_other_query_banks(self) -> None:
+        keep = QUERY_BANK.format(self.meta().get("query_bank_sha256", "")[:16])
+        for f in self.root.glob(QUERY_BANK.format("*")):
+            if f.name != keep:
+                f.unlink()
+
+    def read_query_bank(self) -> np.ndarray | None:
+        """The bank's text embeddings, or None for an index without a query bank."""
+        digest = self.meta().get("query_bank_sha256")
+        if digest is None:
+            return None
+        path = self.root / QUERY_BANK.format(digest[:16])
+        try:
+            return np.load(path)
+        except (OSError, ValueError) as err:
+            raise SearchIndexError(f"{path}: cannot read the query bank ({err}); run `unialign index build` with "
+                                   f"--query-bank again") from None
 
     # -- chunks -----------------------------------------------------------------------------
 
