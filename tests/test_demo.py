@@ -51,6 +51,11 @@ def _check_report(out: Path, report: dict, n_images: int, rows: tuple[plan.Row, 
     assert every["top_k"] == 3 and every["captions"] == report["eval"]["captions"]
     assert sum(ex["correct_rank"] <= 3 for ex in report["search"]) <= every["found"] <= every["captions"]
     assert f"Over all {every['captions']} test captions it is in the top 3 for {every['found']}" in markdown
+    # query bank: the rows' training captions and images, in a column of the table and in the search
+    assert "| mean | mean, query bank |" in markdown
+    banks = {r["query_bank"]["bank_captions"] for r in report["results"].values()}
+    assert banks == {every["query_bank"]} and every["query_bank"] > 0 and 0 <= every["found_plain"] <= every["captions"]
+    assert f"{every['found_plain']} by the cosine alone" in markdown
     assert "![search examples](search_examples.png)" in markdown
     assert report["wall_time_s"]["total"] > 0
 

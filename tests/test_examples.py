@@ -74,3 +74,27 @@ def test_every_caption_is_searched_and_counted_as_the_evaluation_counts_it(tmp_p
         else:
             assert any(hit) == (ex["correct_rank"] <= 5)
             assert not any(hit) or hit.index(True) + 1 == ex["correct_rank"]
+
+
+def test_search_with_a_query_bank_counts_as_the_evaluation_does(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """With the training captions as a query bank, the share of captions found in the top K is the
+    evaluation's text->image recall@K with the same bank, and the plain count is its plain recall."""
+    from unialign.data import make_synthetic_karpathy
+    from unialign.evaluation.models import load_eval_model
+    from unialign.evaluation.run import evaluate_retrieval_model
+    from unialign.examples import search_examples
+
+    make_synthetic_karpathy(tmp_path, n_images=20, captions_per_image=2, image_size=32, seed=6,
+                            split_counts={"train": 8, "test": 12})
+    dataset = tmp_path / "dataset_synthetic.json"
+    found = search_examples(tiny_checkpoint, dataset, tmp_path, n_queries=4, top_k=1, bank_splits=("train",))
+    metrics = evaluate_retrieval_model(load_eval_model(str(tiny_checkpoint), "cpu"), dataset, images=tmp_path,
+                                       split="test", progress=False, query_bank="train")
+    assert found["query_bank"] == 16 == metrics["query_bank"]["bank_captions"]
+    assert 100 * found["found"] / found["captions"] == pytest.approx(metrics["query_bank"]["img_r1"])
+    assert 100 * found["found_plain"] / found["captions"] == pytest.approx(metrics["img_r1"])
+    assert found["found"] != found["found_plain"]  # the bank changed the ranking (4 against 2 here)
+    for ex in found["queries"]:
+        hit = [t["correct"] for t in ex["top"]]
+        assert any(hit) == (ex["correct_rank"] <= 1)
+        assert [t["score"] for t in ex["top"]] == sorted((t["score"] for t in ex["top"]), reverse=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .files import atomic_path
@@ -28,18 +29,21 @@ def pick_queries(captions: list[str], n: int) -> list[int]:
 
 
 def search_examples(checkpoint: Path, karpathy: Path, images: Path, n_queries: int = 4,
-                    top_k: int = 3, memo: PixelMemo | None = None) -> dict[str, Any]:
+                    top_k: int = 3, memo: PixelMemo | None = None, bank_splits: Sequence[str] = ()) -> dict[str, Any]:
     """Text-to-image search on a split's test images with every one of its captions: `n_queries` of them
     (see pick_queries) as examples with their `top_k` hits, and for all of them how many find their image
     in the top `top_k` (so a reader can tell how typical the examples are). `memo`: preprocessed pixels of
-    an evaluation of the same images (evaluation.encode.PixelMemo).
+    an evaluation of the same images (evaluation.encode.PixelMemo). `bank_splits`: the training splits
+    whose captions form a query bank (evaluation.querybank): the search ranks as an index built with
+    `--query-bank` does, and ``found_plain`` says how many find their image by the cosine alone.
 
     Returns ``{"queries": [...], "top_k": K, "captions": N, "found": F}``: N captions of readable images,
     F of them with their image among the K best-scoring."""
     import torch
 
-    from .data.records import read_karpathy_eval
+    from .data.records import read_karpathy, read_karpathy_eval
     from .evaluation.encode import encode_images, encode_texts
+    from .evaluation.querybank import querybank_bias
     from .evaluation.retrieval import retrieval_ranks
     from .evaluation.run import default_device
     from .model.factory import load
@@ -51,11 +55,20 @@ def search_examples(checkpoint: Path, karpathy: Path, images: Path, n_queries: i
     position = {image: j for j, image in enumerate(kept)}
     text_emb = encode_texts(model, tokenizer, data.captions, device=device, progress=False)
     scored = [i for i, image in enumerate(data.caption_to_image) if image in position]  # captions of readable images
-    _, ranks = retrieval_ranks(image_emb, text_emb[scored],
-                               torch.tensor([position[data.caption_to_image[i]] for i in scored]))
+    owner = torch.tensor([position[data.caption_to_image[i]] for i in scored])
+    bias = torch.zeros(len(kept), device=image_emb.device)
+    extra: dict[str, Any] = {}
+    if bank_splits:
+        bank = [r.caption for r in read_karpathy(karpathy, images, list(bank_splits)).records]
+        bias = querybank_bias(image_emb, encode_texts(model, tokenizer, bank, device=device, progress=False),
+                              float(model.logit_scale.detach().exp()))
+        extra = {"query_bank": len(bank), "found_plain": int((retrieval_ranks(image_emb, text_emb[scored], owner)[1]
+                                                              < top_k).sum())}
+    _, ranks = retrieval_ranks(image_emb, text_emb[scored], owner, image_bias=bias)
     rank_of = {i: int(rank) for i, rank in zip(scored, ranks)}
     picks = pick_queries(data.captions, n_queries)
-    scores = text_emb[picks] @ image_emb.T  # the examples' rows only: retrieval_ranks scored the rest block-wise
+    # the examples' rows only: retrieval_ranks scored the rest block-wise
+    scores = text_emb[picks] @ image_emb.T - bias
     root = Path(images)
     examples = []
     for row, i in enumerate(picks):
@@ -68,7 +81,8 @@ def search_examples(checkpoint: Path, karpathy: Path, images: Path, n_queries: i
             "top": [{"file": _relative(data.images[kept[j]], root), "score": round(float(scores[row, j]), 4),
                      "correct": data.images[kept[j]] == truth} for j in top],
         })
-    return {"queries": examples, "top_k": top_k, "captions": len(scored), "found": int((ranks < top_k).sum())}
+    return {"queries": examples, "top_k": top_k, "captions": len(scored), "found": int((ranks < top_k).sum()),
+            **extra}
 
 
 def _relative(path: str, root: Path) -> str:

@@ -141,6 +141,7 @@ class DemoAssets:
     eval_json: Path
     eval_images: Path
     eval_name: str
+    bank_splits: tuple[str, ...]  # eval_json's splits the rows train on: the query bank of the headline set
     # Further held-out sets reported beside the headline one: (name, Karpathy JSON, image root).
     extra_evals: list[tuple[str, Path, Path]]
     used: dict[str, str]  # part -> what was used, for the report
@@ -231,11 +232,13 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
         tux_root = tux_json.parent / json.loads(tux_json.read_text())["image_root"]  # a bundle's is relative
         sources.insert(0, _karpathy_source(tux_json, tux_root, list(scale.real_splits)))
         eval_json, eval_images, eval_name = tux_json, tux_root, "Tux Paint stamps, test split"
+        bank_splits = tuple(scale.real_splits)
         generated = f" + {2 * scale.world_images} generated pairs" if scale.with_generated else ""
         used["captions"] = (f"Tux Paint stamps ({' + '.join(scale.real_splits)} splits){generated}; "
                             "evaluation on the Tux Paint test split")
     else:
         eval_json, eval_images, eval_name = world_json, world_root, "generated world, test split"
+        bank_splits = ("train",)
         used["captions"] = "generated world only (stand-in for Tux Paint)"
     extra_evals: list[tuple[str, Path, Path]] = []
     if clipart and "openclipart" not in missing:
@@ -276,7 +279,8 @@ def prepare_assets(cache: Path, output: Path, scale: Scale, status: dict[str, st
         text_dir = make_text_model(output / "standins" / "text", captions)
         used["text"] = "stand-in: small random BERT with the training captions' vocabulary"
     return DemoAssets(image_dir=image_dir, standin_vit=standin_vit, text_dir=text_dir, train_sources=sources,
-                      eval_json=eval_json, eval_images=eval_images, eval_name=eval_name, extra_evals=extra_evals,
+                      eval_json=eval_json, eval_images=eval_images, eval_name=eval_name, bank_splits=bank_splits,
+                      extra_evals=extra_evals,
                       used=used, missing=missing)
 
 
