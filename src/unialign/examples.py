@@ -8,8 +8,8 @@ the same model always shows the same examples.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .files import atomic_path
@@ -38,7 +38,8 @@ def search_examples(checkpoint: Path, karpathy: Path, images: Path, n_queries: i
     `--query-bank` does, and ``found_plain`` says how many find their image by the cosine alone.
 
     Returns ``{"queries": [...], "top_k": K, "captions": N, "found": F}``: N captions of readable images,
-    F of them with their image among the K best-scoring."""
+    F of them with their image among the K best-scoring; with `bank_splits` also ``query_bank`` (its
+    captions) and ``found_plain``."""
     import torch
 
     from .data.records import read_karpathy, read_karpathy_eval
@@ -59,11 +60,11 @@ def search_examples(checkpoint: Path, karpathy: Path, images: Path, n_queries: i
     bias = torch.zeros(len(kept), device=image_emb.device)
     extra: dict[str, Any] = {}
     if bank_splits:
+        plain = retrieval_ranks(image_emb, text_emb[scored], owner)[1]
         bank = [r.caption for r in read_karpathy(karpathy, images, list(bank_splits)).records]
         bias = querybank_bias(image_emb, encode_texts(model, tokenizer, bank, device=device, progress=False),
                               float(model.logit_scale.detach().exp()))
-        extra = {"query_bank": len(bank), "found_plain": int((retrieval_ranks(image_emb, text_emb[scored], owner)[1]
-                                                              < top_k).sum())}
+        extra = {"query_bank": len(bank), "found_plain": int((plain < top_k).sum())}
     _, ranks = retrieval_ranks(image_emb, text_emb[scored], owner, image_bias=bias)
     rank_of = {i: int(rank) for i, rank in zip(scored, ranks)}
     picks = pick_queries(data.captions, n_queries)

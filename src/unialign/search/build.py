@@ -7,6 +7,7 @@ their type or size class changes; otherwise new vectors are appended.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -158,13 +159,7 @@ def build_index(checkpoint: Path | str, entries: Sequence[Entry], out: Path | st
         if store.remove_orphan_vectors():
             log.info("%s: removed vector files of a chunk that was never committed", store.root)
         device = device or default_device()
-        loaded: list[tuple] = []  # the model, loaded once for whatever needs it
-
-        def model() -> tuple:
-            if not loaded:
-                loaded.append(load(checkpoint, device=device))
-            return loaded[0]
-
+        model = functools.cache(lambda: load(checkpoint, device=device))  # loaded once, if anything needs it
         if query_bank is not None:
             _set_query_bank(store, read_query_texts(query_bank), str(query_bank), sha, model, device)
         known = store.known_paths()
