@@ -4,6 +4,7 @@
     python bench/search.py --n 200000 --index-type hnsw --json out.json
     python bench/search.py --serve-load          # load test of `unialign serve` on 127.0.0.1
     python bench/search.py --upload-rss          # server RSS under bursts of concurrent 40-Mpixel uploads
+    python bench/search.py --query-bank 10000    # also: an index with query-bank normalisation (one more column)
 
 Latency is measured one query at a time (the interactive case); recall@10 of the approximate
 index is measured against IndexFlatIP on the same vectors in the same run. Vectors are
@@ -102,6 +103,12 @@ def bench_ann(args: argparse.Namespace) -> dict[str, Any]:
     build_s = time.perf_counter() - t0
     log(f"built {params.describe()} in {build_s:.1f}s")
 
+    bank_result = None
+    if args.query_bank:
+        bank = (base[rng.choice(len(base), args.query_bank, replace=False)] if args.vectors
+                else make_vectors(args.query_bank, args.dim, args.data, args.clusters, rng, centres))
+        bank_result = bench_query_bank(base, ids, queries, bank, params, args)
+
     exact = faiss.IndexFlatIP(args.dim)
     exact.add(base)
     del base
@@ -133,7 +140,37 @@ def bench_ann(args: argparse.Namespace) -> dict[str, Any]:
         f"recall@{args.k}": recall,
         "sweep": sweep,
         "exact_latency": percentiles(exact_times), "exact_queries": len(exact_queries),
+        "query_bank": bank_result,
     }
+
+
+def bench_query_bank(base: np.ndarray, ids: np.ndarray, queries: np.ndarray, bank: np.ndarray, params: Any,
+                     args: argparse.Namespace) -> dict[str, Any]:
+    """What a query bank costs (`unialign index build --query-bank`): the build's extra pass (each vector's
+    bias against the bank), and the same kind of index over the vectors with minus their bias as one more
+    column, timed one query at a time and scored against exact search of the same biased scores."""
+    import faiss
+    import torch
+
+    from unialign.evaluation.querybank import querybank_bias
+    from unialign.search import ann
+
+    t0 = time.perf_counter()
+    bias = querybank_bias(torch.from_numpy(base), torch.from_numpy(bank), args.beta).numpy()
+    bias_s = time.perf_counter() - t0
+    log(f"biases of {len(base)} vectors against a bank of {len(bank)} in {bias_s:.1f}s")
+    vectors = np.concatenate([base, -bias[:, None]], axis=1)
+    asked = np.concatenate([queries, np.ones((len(queries), 1), dtype=np.float32)], axis=1)
+    t0 = time.perf_counter()
+    index = ann.build(vectors, ids, params)
+    build_s = time.perf_counter() - t0
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    _, truth = exact.search(asked, args.k)
+    single_query_latency(index, asked[:20], args.k)  # warm-up
+    latency, recall = measure(index, asked, truth, args.k)
+    return {"bank": len(bank), "beta": args.beta, "bias_s": round(bias_s, 2), "build_s": round(build_s, 2),
+            "latency": latency, f"recall@{args.k}": recall}
 
 
 def measure(index: Any, queries: np.ndarray, truth: np.ndarray, k: int) -> tuple[dict[str, float], float]:
@@ -166,6 +203,12 @@ def print_ann(r: dict[str, Any]) -> None:
               f"{recall_key}={row[recall_key]:.4f}")
     print(f"exact (IndexFlatIP) single-query latency over {r['exact_queries']} queries: "
           f"p50={ex['p50_ms']:.2f} ms p99={ex['p99_ms']:.2f} ms")
+    bank = r["query_bank"]
+    if bank:
+        lat = bank["latency"]
+        print(f"with a query bank of {bank['bank']:,} (beta {bank['beta']}): biases {bank['bias_s']}s, "
+              f"build {bank['build_s']}s; single-query latency p50={lat['p50_ms']:.2f} ms p99={lat['p99_ms']:.2f} ms; "
+              f"{recall_key} vs exact biased search: {bank[recall_key]:.4f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,6 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clusters", type=int, default=10_000, help="topics for --data clustered")
     p.add_argument("--vectors", metavar="NPY", help="benchmark on these embeddings instead (e.g. from `unialign "
                                                     "embed`); --n, --dim and --data are then ignored")
+    p.add_argument("--query-bank", type=int, default=0, metavar="M",
+                   help="also an index with query-bank normalisation over M bank vectors (like the queries)")
+    p.add_argument("--beta", type=float, default=14.3, help="the bank's inverse temperature (a trained model's "
+                                                            "logit scale; the demo's S-SMKE: 14.4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="also write results as JSON ('-' for stdout only)")
     load = p.add_argument_group("service load test (--serve-load)")

@@ -215,3 +215,20 @@ def test_shared_block_benchmark_compares_the_two_paths(tmp_path, monkeypatch):
     (row,) = result["shapes"].values()
     assert row["full_ms"] > 0 and row["cls_only_ms"] > 0 and row["speedup"] > 0
     assert row["max_abs_diff_output"] < 1e-5 and row["max_abs_diff_input_grad"] < 1e-5
+
+
+def test_search_benchmark_measures_the_query_bank_against_exact_biased_search(tmp_path, monkeypatch):
+    """bench/search.py --query-bank runs at CI size and reports the bank's cost beside the plain index's
+    from the same run; on a flat index both searches are exact."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    out = tmp_path / "search.json"
+    bench_module("search.py").main(["--n", "3000", "--dim", "16", "--queries", "40", "--exact-queries", "5",
+                                    "--clusters", "30", "--query-bank", "500", "--index-type", "flat",
+                                    "--json", str(out)])
+    result = json.loads(out.read_text())
+    bank = result["query_bank"]
+    assert (bank["bank"], bank["beta"]) == (500, 14.3) and bank["bias_s"] >= 0
+    assert bank["recall@10"] == 1.0 and result["recall@10"] == 1.0  # both exact
+    assert bank["latency"]["p50_ms"] > 0 and result["latency"]["p50_ms"] > 0
