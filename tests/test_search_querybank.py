@@ -76,6 +76,19 @@ def test_a_new_bank_rebuilds_the_biases(tiny_checkpoint, tmp_path, searcher_fact
     assert {h.path: h.score for h in s.search_text(other[0], k=4)} == pytest.approx(want, abs=1e-5)
 
 
+def test_a_search_refuses_biases_of_another_bank(tiny_checkpoint, tmp_path, searcher_factory):  # noqa: F811
+    """As after a build that stopped between storing a new bank and rebuilding images.faiss."""
+    make_images(tmp_path / "imgs", ["red", "green"])
+    entries = entries_from_folder(tmp_path / "imgs")
+    build_tiny(tiny_checkpoint, tmp_path / "index", entries, query_bank=_write(tmp_path / "a.txt", BANK))
+    with IndexStore(tmp_path / "index", readonly=False) as store:
+        store.set_meta({"images_faiss_query_bank": "0" * 64})
+    with pytest.raises(SearchIndexError, match="was not built for the index's query bank"):
+        searcher_factory(tmp_path / "index")
+    build_tiny(tiny_checkpoint, tmp_path / "index", entries)  # the next build repairs it
+    assert searcher_factory(tmp_path / "index").search_text(BANK[0], k=2)
+
+
 def test_bad_bank_files_are_refused(tiny_checkpoint, tmp_path):
     make_images(tmp_path / "imgs", ["red", "green"])
     entries = entries_from_folder(tmp_path / "imgs")

@@ -84,10 +84,10 @@ class Searcher:
         self.checkpoint_sha256 = meta["checkpoint_sha256"]
         # a query bank adds a column to images.faiss: minus each image's bias (search.build._part)
         self.query_bank = int(meta["query_bank_size"]) if "query_bank_sha256" in meta else 0
-        if self.image_index.d != self.model.width + bool(self.query_bank):
-            raise SearchIndexError(f"{root / IMAGE_INDEX} has {self.image_index.d} columns where the model and "
-                                   f"query bank make {self.model.width + bool(self.query_bank)}; run `unialign "
-                                   f"index build` on {root} again to rebuild it")
+        if (self.image_index.d != self.model.width + bool(self.query_bank)
+                or meta.get("images_faiss_query_bank", "") != meta.get("query_bank_sha256", "")):
+            raise SearchIndexError(f"{root / IMAGE_INDEX} was not built for the index's query bank (interrupted "
+                                   f"build?); run `unialign index build` on {root} again to rebuild it")
 
     def close(self) -> None:
         self.store.close()
