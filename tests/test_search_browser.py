@@ -27,7 +27,9 @@ COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 @pytest.fixture(scope="module")
 def live_server(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
-    build_tiny(tiny_checkpoint, root / "index", entries_from_manifest(make_manifest(root, COLOURS)))
+    manifest = make_manifest(root, COLOURS)
+    # the page over an index with a query bank (its own captions): text scores are cosine - bias
+    build_tiny(tiny_checkpoint, root / "index", entries_from_manifest(manifest), query_bank=manifest)
     searcher = Searcher(root / "index", device="cpu")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound before the server starts: no race for a "free" port
@@ -60,6 +62,7 @@ def test_search_page_in_headless_chromium(live_server):
             page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
             page.goto(url + "/")
             expect(page.locator("#index-info")).to_contain_text("6 images indexed")
+            expect(page.locator("#index-info")).to_contain_text("normalised by a query bank of 12 queries")
 
             # Text search from the keyboard: type, press Enter.
             box = page.get_by_label("Describe the image you are looking for")

@@ -114,6 +114,7 @@
     input.maxLength = h.max_query_chars;
     $("captions-option").hidden = !h.caption_index;
     $("index-info").textContent = `${h.items.toLocaleString()} images indexed (${h.image_index})` +
-      (h.captions ? `, ${h.captions.toLocaleString()} captions` : "");
+      (h.captions ? `, ${h.captions.toLocaleString()} captions` : "") +
+      (h.query_bank ? `; text search normalised by a query bank of ${h.query_bank.toLocaleString()} queries` : "");
   }).catch(() => { $("index-info").textContent = "Index information unavailable."; });
 })();
