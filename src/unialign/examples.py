@@ -63,7 +63,7 @@ def search_examples(checkpoint: Path, karpathy: Path, images: Path, n_queries: i
         plain = retrieval_ranks(image_emb, text_emb[scored], owner)[1]
         bank = [r.caption for r in read_karpathy(karpathy, images, list(bank_splits)).records]
         bias = querybank_bias(image_emb, encode_texts(model, tokenizer, bank, device=device, progress=False),
-                              float(model.logit_scale.detach().exp()))
+                              float(model.scales()[0].detach()))
         extra = {"query_bank": len(bank), "found_plain": int((plain < top_k).sum())}
     _, ranks = retrieval_ranks(image_emb, text_emb[scored], owner, image_bias=bias)
     rank_of = {i: int(rank) for i, rank in zip(scored, ranks)}

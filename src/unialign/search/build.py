@@ -192,7 +192,7 @@ def _set_query_bank(store: IndexStore, texts: list[str], source: str, checkpoint
         return
     net, _, tokenizer = model()
     vectors = encode_texts(net, tokenizer, texts, device=device, progress=False)
-    beta = float(net.logit_scale.detach().exp())  # the inverse temperature the model trained at
+    beta = float(net.scales()[0].detach())  # the inverse temperature the model trained at
     store.write_query_bank(digest, np.asarray(vectors, dtype=np.float32))
     store.set_meta({"query_bank_sha256": digest, "query_bank_source": source, "query_bank_size": str(len(texts)),
                     "query_bank_beta": repr(beta)})
